@@ -1,0 +1,194 @@
+"""The model file: `captioner.pt`, and the Hub layout `model.safetensors` + `config.json` + `tokenizer.json`.
+
+A `.pt` file is a plain dict of tensors, strings and numbers, written atomically and read with
+``torch.load(weights_only=True)``, which refuses any pickled object that could run code:
+
+    {"format": "image-captioner", "format_version": 1, "config": asdict(ModelConfig),
+     "tokenizer": <tokenizers JSON>, "state_dict": {...}, "metadata": {...}}
+
+Every way a file can be wrong (missing, truncated, corrupt, foreign, from a newer version, not matching its config)
+becomes one `CheckpointError` line naming the file and the problem.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from config import ModelConfig
+from model import CaptionModel
+from tokenizer import CaptionTokenizer
+
+FORMAT = "image-captioner"
+FORMAT_VERSION = 1
+SAFETENSORS_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+class CheckpointError(ValueError):
+    """A model or training file that cannot be used; the message names the file and the problem."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(temporary_path)`, then move the result over `path` in one step.
+
+    A crash or a failed write (disk full) leaves the previous file at `path` untouched and no temporary behind.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save`, atomically."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """`torch.load(weights_only=True)` with every failure turned into a `CheckpointError` naming the file."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise CheckpointError(f"{name}: is a folder, not a checkpoint file")
+    if not os.path.exists(name):
+        raise CheckpointError(f"{name}: no such file")
+    if os.path.getsize(name) == 0:
+        raise CheckpointError(f"{name}: the file is empty")
+    try:
+        return torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a class or function reference
+            raise CheckpointError(
+                f"{name}: refused: it contains pickled Python objects, which could run code when loaded"
+            ) from error
+        raise CheckpointError(f"{name}: not a readable checkpoint (corrupt pickle data)") from error
+    except Exception as error:  # garbage input makes torch's unpickler raise KeyError, IndexError, struct.error...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{name}: not a readable checkpoint, truncated or corrupt ({first_line})") from error
+
+
+def checkpoint_dict(model: CaptionModel, tokenizer: CaptionTokenizer, metadata: dict | None = None) -> dict:
+    """What a `.pt` model file holds; `state_dict` is stored as given (callers may cast it to float16)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.config),
+        "tokenizer": tokenizer.to_json(),
+        "state_dict": model.state_dict(),
+        "metadata": dict(metadata or {}),
+    }
+
+
+def save_captioner(
+    path: str | os.PathLike,
+    model: CaptionModel,
+    tokenizer: CaptionTokenizer,
+    metadata: dict | None = None,
+    *,
+    half: bool = False,
+) -> None:
+    """Write a self-contained model file (config, tokenizer, weights, metadata), atomically.
+
+    Args:
+        half: store floating-point weights as float16 (half the size; they are cast back on load).
+    """
+    contents = checkpoint_dict(model, tokenizer, metadata)
+    if half:
+        contents["state_dict"] = {
+            key: value.half() if value.is_floating_point() else value for key, value in contents["state_dict"].items()
+        }
+    save_torch(contents, path)
+
+
+def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, dict]:
+    """Model (in eval mode, float32, on CPU), tokenizer and metadata from a `.pt` file or a safetensors folder."""
+    name = os.fspath(path)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "model.safetensors")):
+        return import_safetensors(name)
+    contents = load_torch(name)
+    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
+        raise CheckpointError(f"{name}: not a captioner model file (no '{FORMAT}' format marker)")
+    return _build(name, contents)
+
+
+def _build(name: str, contents: dict) -> tuple[CaptionModel, CaptionTokenizer, dict]:
+    version = contents.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{name}: format version {version!r} is newer than this code reads ({FORMAT_VERSION}); update the code"
+        )
+    missing = [key for key in ("config", "tokenizer", "state_dict") if key not in contents]
+    if missing:
+        raise CheckpointError(f"{name}: incomplete model file, missing {', '.join(missing)}")
+    try:
+        config = ModelConfig.from_dict(dict(contents["config"]))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{name}: bad model config ({error})") from error
+    try:
+        tokenizer = CaptionTokenizer.from_json(contents["tokenizer"])
+    except Exception as error:  # the tokenizers library raises its own untyped Exception
+        raise CheckpointError(f"{name}: bad tokenizer ({error})") from error
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"{name}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
+        )
+    model = CaptionModel(config)
+    try:
+        model.load_state_dict(contents["state_dict"], strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{name}: weights do not match the model config ({detail})") from error
+    return model.eval(), tokenizer, dict(contents.get("metadata") or {})
+
+
+def export_safetensors(
+    directory: str | os.PathLike, model: CaptionModel, tokenizer: CaptionTokenizer, metadata: dict | None = None
+) -> list[Path]:
+    """Write the Hub layout: model.safetensors, config.json (format, model config, metadata), tokenizer.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(model.config)}
+    config["metadata"] = dict(metadata or {})
+    atomic_write(directory / "model.safetensors", lambda temporary: save_file(state, temporary))
+    atomic_write(directory / "config.json", lambda temporary: Path(temporary).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / "tokenizer.json", lambda temporary: Path(temporary).write_text(tokenizer.to_json()))
+    return [directory / file for file in SAFETENSORS_FILES]
+
+
+def import_safetensors(directory: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, dict]:
+    """Load the layout `export_safetensors` writes."""
+    name = os.fspath(directory)
+    for file in SAFETENSORS_FILES:
+        if not os.path.isfile(os.path.join(name, file)):
+            raise CheckpointError(f"{name}: missing {file}")
+    try:
+        config = json.loads(Path(name, "config.json").read_text(encoding="utf-8"))
+        tokenizer_json = Path(name, "tokenizer.json").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{name}: unreadable config.json or tokenizer.json ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{name}: config.json is not a captioner config (no '{FORMAT}' format marker)")
+    try:
+        state_dict = load_file(os.path.join(name, "model.safetensors"))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{name}: model.safetensors is truncated or corrupt ({error})") from error
+    contents = {**config, "tokenizer": tokenizer_json, "state_dict": state_dict}
+    return _build(name, contents)

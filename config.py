@@ -1,0 +1,171 @@
+"""Configuration: frozen dataclasses for the model and for decoding, and the named model presets.
+
+Every checkpoint stores ``dataclasses.asdict`` of its ``ModelConfig`` and is rebuilt from it, never from the
+defaults written here. Variants are derived with ``dataclasses.replace``.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+def _require(condition: bool, field: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} must be {requirement}, got {value!r}")
+
+
+def _require_positive_int(field: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value, "a positive integer")
+
+
+def _require_finite(field: str, value: Any, low: float, high: float, requirement: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _require(ok and low <= value <= high, field, value, requirement)
+
+
+INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"})
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A ViT image encoder feeding a GPT-2 decoder with cross-attention in every layer.
+
+    The image-normalisation fields default to ``None``, meaning "the encoder's own timm data config";
+    ``CaptionModel`` fills them in, so a saved checkpoint always carries concrete values.
+    """
+
+    encoder: str = "vit_small_patch14_dinov2"  # any timm VisionTransformer name
+    image_size: int = 224
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    vocab_size: int = 8192
+    n_positions: int = 64  # the longest token sequence the decoder sees, BOS included
+    dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    image_interpolation: str | None = None  # a PIL resampling filter name: "bicubic", "bilinear", ...
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder, "a timm model name")
+        for name in ("image_size", "n_layer", "n_head", "n_embd", "vocab_size"):
+            _require_positive_int(name, getattr(self, name))
+        _require_positive_int("n_positions", self.n_positions)
+        _require(self.n_positions >= 2, "n_positions", self.n_positions, "at least 2 (BOS and one token)")
+        _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"divisible by n_head={self.n_head}")
+        _require_finite("dropout", self.dropout, 0.0, 0.99, "in [0, 0.99]")
+        _require_finite("layer_norm_epsilon", self.layer_norm_epsilon, 1e-12, 1.0, "in [1e-12, 1]")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+                _require(len(getattr(self, name)) == 3, name, value, "three numbers (R, G, B)")
+        if self.image_std is not None:
+            _require(all(v > 0 for v in self.image_std), "image_std", self.image_std, "positive")
+        if self.image_interpolation is not None:
+            _require(
+                self.image_interpolation in INTERPOLATIONS,
+                "image_interpolation",
+                self.image_interpolation,
+                f"one of {sorted(INTERPOLATIONS)}",
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Rebuild a config saved with ``asdict``; unknown or missing fields are an error, not a silent default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        missing = sorted(known - set(values))
+        if missing:
+            raise ValueError(f"model config is missing fields: {', '.join(missing)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests: builds and runs a forward pass in milliseconds.
+    "tiny": ModelConfig(
+        encoder="vit_tiny_patch16_224",
+        image_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=300,
+        n_positions=24,
+        dropout=0.0,
+    ),
+    # The shipped default: DINOv2 ViT-S/14 at 224 px (257 image tokens) and a caption-sized decoder.
+    "small": ModelConfig(),
+    # The classic design: ViT-B/16 and GPT-2 124M, for users who can download both from the hub.
+    "vit-gpt2": ModelConfig(
+        encoder="vit_base_patch16_224",
+        image_size=224,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        vocab_size=50257,
+        n_positions=1024,
+        dropout=0.1,
+    ),
+}
+
+Strategy = Literal["beam", "greedy", "sample"]
+STRATEGIES: tuple[str, ...] = ("beam", "greedy", "sample")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """How to turn image tokens into a caption. The defaults are the shipped model's default decoding."""
+
+    strategy: Strategy = "beam"
+    num_beams: int = 3
+    length_penalty: float = 1.0
+    early_stopping: bool = True
+    num_return_sequences: int = 1
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1.0: no nucleus filtering
+    seed: int | None = None
+    prefix: str = ""  # text the caption must continue, e.g. "a photo of"
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        _require_positive_int("num_beams", self.num_beams)
+        _require(self.num_beams <= 16, "num_beams", self.num_beams, "at most 16")
+        _require_finite("length_penalty", self.length_penalty, -10.0, 10.0, "a number in [-10, 10]")
+        _require(isinstance(self.early_stopping, bool), "early_stopping", self.early_stopping, "true or false")
+        _require_positive_int("num_return_sequences", self.num_return_sequences)
+        limit = self.num_beams if self.strategy == "beam" else 16
+        _require(
+            self.num_return_sequences <= limit,
+            "num_return_sequences",
+            self.num_return_sequences,
+            f"at most {limit}" + (" (num_beams)" if self.strategy == "beam" else ""),
+        )
+        _require_positive_int("max_new_tokens", self.max_new_tokens)
+        _require(self.max_new_tokens <= 256, "max_new_tokens", self.max_new_tokens, "at most 256")
+        for name in ("min_new_tokens", "no_repeat_ngram_size", "top_k"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            _require(ok, name, value, "a non-negative integer")
+        _require(
+            self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            self.min_new_tokens,
+            f"at most max_new_tokens={self.max_new_tokens}",
+        )
+        _require_finite("repetition_penalty", self.repetition_penalty, 0.01, 100.0, "a number in [0.01, 100]")
+        _require_finite("temperature", self.temperature, 0.01, 100.0, "a number in [0.01, 100]")
+        _require_finite("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1]")
+        _require(self.top_p > 0, "top_p", self.top_p, "a number in (0, 1]")
+        seed_ok = self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool))
+        _require(seed_ok and (self.seed is None or 0 <= self.seed < 2**63), "seed", self.seed, "empty or 0..2**63-1")
+        _require(isinstance(self.prefix, str), "prefix", self.prefix, "text")
+        _require(len(self.prefix) <= 500, "prefix", f"{len(self.prefix)} characters", "at most 500 characters")
+        _require(self.prefix.isprintable(), "prefix", self.prefix, "printable text without control characters")

@@ -1,0 +1,171 @@
+"""Reading images from users, safely, and turning them into encoder input.
+
+Everything a user hands us passes through `load_image`: file paths, bytes, PIL images and numpy arrays in any mode
+(RGBA, palette, grayscale, 16-bit, CMYK, EXIF-rotated, animated). Anything unusable raises `ImageError` with a
+message meant for that user; nothing else escapes.
+"""
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from config import ModelConfig
+
+# Far above any photo (a 100-megapixel camera frame is 100e6); the cap keeps one request from exhausting memory.
+MAX_PIXELS = 120_000_000
+MAX_FILE_BYTES = 100 * 1024 * 1024
+
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; the message says why, for the user."""
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes, a PIL image or an array (H, W[, C]).
+
+    Transparent pixels are composited onto white, 16-bit and float images are scaled to 8 bits, EXIF orientation is
+    applied and only the first frame of an animation is used.
+
+    Raises:
+        ImageError: the source is missing, empty, not an image, truncated, or too large.
+    """
+    if isinstance(source, np.ndarray):
+        return _to_rgb(_from_array(source))
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    if isinstance(source, bytes):
+        name, data = "image data", source
+    elif isinstance(source, (str, os.PathLike)):
+        name, data = os.fspath(source), _read_file(source)
+    else:
+        raise ImageError(f"expected an image file, bytes, PIL image or array, got {type(source).__name__}")
+    if not data:
+        raise ImageError(f"{name}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_size(name, image.size)
+            image.load()
+            return _to_rgb(image)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, SyntaxError) as error:
+        raise ImageError(f"{name}: not an image format this tool reads (JPEG, PNG, GIF, WebP, BMP, TIFF)") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{name}: image is too large to decode safely") from error
+    except (OSError, ValueError, EOFError) as error:
+        raise ImageError(f"{name}: the image is corrupt or truncated ({error})") from error
+
+
+def _read_file(path: str | os.PathLike) -> bytes:
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise ImageError(f"{name}: is a folder, not an image file")
+    try:
+        size = os.path.getsize(name)
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: file is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB")
+        with open(name, "rb") as file:
+            return file.read()
+    except FileNotFoundError as error:
+        raise ImageError(f"{name}: no such file") from error
+    except PermissionError as error:
+        raise ImageError(f"{name}: permission denied") from error
+    except OSError as error:
+        raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from error
+
+
+def _check_size(name: str, size: tuple[int, int]) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}×{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: image is {width}×{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"array of shape {array.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)")
+    _check_size("array", (array.shape[1], array.shape[0]))
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError("array image contains NaN or infinite values")
+        # Floats are taken as 0..1 intensities, the convention of numpy image libraries.
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageError(f"array of dtype {array.dtype} is not an image; expected uint8, uint16, float or bool")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    _check_size("image", image.size)
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(array / peak, 0.0, 1.0) * 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTransform:
+    """Resize to the encoder's square input and normalise with its mean and std.
+
+    The whole image is resized, not centre-cropped: the training photos (Flickr8k) were squashed to a square, so a
+    squashed photo is what the model knows, and a crop would cut off the subject of wide pictures.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __call__(self, images: list[Image.Image], *, flip: list[bool] | None = None) -> torch.Tensor:
+        """Pixel values (B, 3, size, size) for RGB `images`; `flip[i]` mirrors image i left to right."""
+        arrays = []
+        for index, image in enumerate(images):
+            resized = image.resize((self.size, self.size), _RESAMPLING[self.interpolation])
+            if flip is not None and flip[index]:
+                resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            arrays.append(np.asarray(resized, dtype=np.float32))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> "ImageTransform":
+        """The transform a model was built with (its config carries the encoder's resolved preprocessing)."""
+        return cls(config.image_size, config.image_mean, config.image_std, config.image_interpolation)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny models and tokenizers built here, so the suite runs on a fresh clone without ../shared."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torchvision_fix  # noqa: E402, F401  (before transformers and timm)
+
+# isort: split
+from config import PRESETS  # noqa: E402
+from model import CaptionModel  # noqa: E402
+from tokenizer import train_caption_tokenizer  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+FLICKR8K = SHARED / "data" / "flickr8k"
+DINOV2_WEIGHTS = SHARED / "weights" / "dinov2-vit-small-patch14" / "model.safetensors"
+GPT2_TOKENIZER = SHARED / "weights" / "gpt2-tokenizer"
+
+
+def needs_shared(path: Path):
+    """Skip a test that reads ../shared where the checkout has none (a user's fresh clone)."""
+    return pytest.mark.skipif(not path.exists(), reason=f"needs {path}, which only exists beside our own checkouts")
+
+
+TINY_CAPTIONS = [
+    "a dog runs on the grass",
+    "a black dog is running through the grass",
+    "two children play in the water",
+    "a man rides a bike down the street",
+    "a woman in a red shirt is smiling",
+    "a cat sits on a red chair",
+    "a brown dog jumps over a log",
+    "people are walking on the beach",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_caption_tokenizer(TINY_CAPTIONS * 4, vocab_size=PRESETS["tiny"].vocab_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    torch.manual_seed(0)
+    return CaptionModel.from_parts(
+        "vit_tiny_patch16_224",
+        None,
+        encoder_pretrained=False,
+        image_size=32,
+        base=PRESETS["tiny"],
+        vocab_size=tiny_tokenizer.vocab_size,
+    ).eval()
+
+
+def make_tiny_gpt2(directory: Path, *, cross_attention: bool, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 saved with `save_pretrained`, the way a hub checkpoint is laid out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=120,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        add_cross_attention=cross_attention,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # random, non-trivial norms and biases, so a mapping mistake shows
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_with_cross_attention(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2-cross"), cross_attention=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2_text_only(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2-text"), cross_attention=False, seed=1)

@@ -141,12 +141,12 @@ class DecodeConfig:
         _require_finite("length_penalty", self.length_penalty, -10.0, 10.0, "a number in [-10, 10]")
         _require(isinstance(self.early_stopping, bool), "early_stopping", self.early_stopping, "true or false")
         _require_positive_int("num_return_sequences", self.num_return_sequences)
-        limit = self.num_beams if self.strategy == "beam" else 16
+        limit = {"beam": self.num_beams, "greedy": 1, "sample": 16}[self.strategy]
         _require(
             self.num_return_sequences <= limit,
             "num_return_sequences",
             self.num_return_sequences,
-            f"at most {limit}" + (" (num_beams)" if self.strategy == "beam" else ""),
+            f"at most {limit} for {self.strategy}" + (" (num_beams)" if self.strategy == "beam" else ""),
         )
         _require_positive_int("max_new_tokens", self.max_new_tokens)
         _require(self.max_new_tokens <= 256, "max_new_tokens", self.max_new_tokens, "at most 256")

@@ -1,0 +1,215 @@
+"""The `Captioner` facade: the one object the app, the command line and evaluation use.
+
+    captioner = Captioner.load("captioner.pt")
+    [best] = captioner.caption(["photo.jpg"], strategy="beam", num_beams=3)
+    best.text, best.confidence, best.alternatives
+
+Confidence is the geometric mean of the model's probabilities for the caption's tokens (EOS included):
+``exp(mean token log-probability)``, between 0 and 1, from the raw model, before penalties or temperature.
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+import decoding
+from checkpoint import CheckpointError, load_captioner
+from config import DecodeConfig
+from images import ImageError, ImageSource, ImageTransform, load_image
+from model import CaptionModel
+from tokenizer import CaptionTokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "captioner.pt"
+HUB_FILENAME = "captioner.pt"
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    confidence: float  # exp(mean token log-probability), see the module doc
+    score: float  # the decoder's ranking score (length-penalised for beam search)
+    token_logprobs: tuple[float, ...]
+    words: tuple[str, ...] = ()  # the caption's words, when attention was requested
+    attention: np.ndarray | None = None  # (len(words), grid_h, grid_w): where the model looked for each word
+    alternatives: tuple["Caption", ...] = field(default=())  # the other returned captions, best first
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """Image tokens from `Captioner.encode`, reusable across several decodings of the same images."""
+
+    tokens: Tensor  # (B, N, C)
+
+
+class Captioner:
+    """A trained model, its tokenizer and preprocessing, on one device."""
+
+    def __init__(
+        self,
+        model: CaptionModel,
+        tokenizer: CaptionTokenizer,
+        metadata: dict | None = None,
+        *,
+        device: str | torch.device | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.metadata = dict(metadata or {})
+        self.transform = ImageTransform.for_model(model.config)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+    ) -> "Captioner":
+        """From a model file, a safetensors folder, or a Hugging Face Hub repo id ("user/repo"; `revision` pins it).
+
+        Default: the `captioner.pt` shipped with this repository.
+        """
+        path = Path(source) if source is not None else DEFAULT_MODEL
+        if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
+            path = _download_from_hub(str(source), revision)
+        model, tokenizer, metadata = load_captioner(path)
+        return cls(model, tokenizer, metadata, device=device)
+
+    def encode(self, images: Sequence[ImageSource]) -> EncodedImages:
+        """Encode images once; pass the result to `caption` as often as needed."""
+        pictures = [load_image(image) for image in images]
+        with torch.inference_mode():
+            return EncodedImages(self.model.encode(self.transform(pictures).to(self.device)))
+
+    def caption(
+        self,
+        images: Sequence[ImageSource] | EncodedImages,
+        config: DecodeConfig | None = None,
+        *,
+        attention: bool = False,
+        generator: torch.Generator | None = None,
+        **options,
+    ) -> list[Caption]:
+        """The best caption for each image, with `config.num_return_sequences - 1` alternatives.
+
+        Args:
+            images: paths, bytes, PIL images or arrays (see `images.load_image`), or `encode`'s result.
+            config: decoding options; keyword `options` override its fields (e.g. ``num_beams=5``).
+            attention: also return, for each word, the cross-attention over the image patches.
+            generator: randomness for sampling; by default seeded from `config.seed` when set.
+        """
+        config = dataclasses.replace(config or DecodeConfig(), **options)
+        encoded = images if isinstance(images, EncodedImages) else self.encode(images)
+        prefix_ids = self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
+        if len(prefix_ids) + 1 + config.max_new_tokens > self.model.config.n_positions:
+            room = self.model.config.n_positions - 1 - len(prefix_ids)
+            raise ValueError(f"max_new_tokens must be at most {room} with this prefix (the model's limit)")
+        if generator is None and config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        generation = decoding.generate(
+            self.model,
+            encoded.tokens,
+            config,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            generator=generator,
+            prefix_ids=prefix_ids,
+        )
+        captions = []
+        for image in range(encoded.tokens.shape[0]):
+            ranked = [
+                self._caption(
+                    generation, image, rank, prefix_ids, encoded.tokens[image : image + 1] if attention else None
+                )
+                for rank in range(generation.sequences.shape[1])
+            ]
+            captions.append(dataclasses.replace(ranked[0], alternatives=tuple(ranked[1:])))
+        return captions
+
+    def caption_each(
+        self, sources: Sequence[ImageSource], config: DecodeConfig | None = None, *, batch_size: int = 16, **options
+    ) -> Iterator[Caption | ImageError]:
+        """For each source in order, its caption or the `ImageError` that made it unusable; batched, never raises
+        for a bad image. The way to caption a folder: one model, many images, failures reported per image."""
+        for start in range(0, len(sources), batch_size):
+            loaded: list[Image.Image | ImageError] = []
+            for source in sources[start : start + batch_size]:
+                try:
+                    loaded.append(load_image(source))
+                except ImageError as error:
+                    loaded.append(error)
+            good = [picture for picture in loaded if not isinstance(picture, ImageError)]
+            captions = iter(self.caption(good, config, **options) if good else [])
+            for picture in loaded:
+                yield picture if isinstance(picture, ImageError) else next(captions)
+
+    def _caption(
+        self, generation: decoding.Generation, image: int, rank: int, prefix_ids: list[int], image_tokens: Tensor | None
+    ) -> Caption:
+        length = int(generation.lengths[image, rank])
+        ids = generation.sequences[image, rank, :length].tolist()
+        logprobs = generation.token_logprobs[image, rank, :length].tolist()
+        text = self.tokenizer.decode(prefix_ids + ids)
+        confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
+        caption = Caption(text, confidence, float(generation.scores[image, rank]), tuple(logprobs))
+        if image_tokens is None:
+            return caption
+        words, attention = self._word_attention(
+            prefix_ids + [i for i in ids if i != self.tokenizer.eos_token_id], image_tokens
+        )
+        return dataclasses.replace(caption, words=words, attention=attention)
+
+    def _word_attention(self, ids: list[int], image_tokens: Tensor) -> tuple[tuple[str, ...], np.ndarray]:
+        """Per word: the cross-attention that predicted its tokens, averaged over layers, heads and tokens."""
+        if not ids:
+            return (), np.zeros((0, 1, 1), dtype=np.float32)
+        record: list[Tensor] = []
+        inputs = torch.tensor([[self.tokenizer.bos_token_id, *ids[:-1]]], device=self.device)
+        with torch.inference_mode():
+            self.model.decode(inputs, image_tokens, record=record)
+        weights = torch.stack(record).mean(dim=(0, 2))[0]  # (L, 1, nh, T, N) -> (T, N): token t predicts ids[t]
+        vit = self.model.encoder.vit
+        patches = weights[:, vit.num_prefix_tokens :]  # drop the class/register tokens
+        grid_h, grid_w = vit.patch_embed.grid_size
+        patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+        words, groups = _words(self.tokenizer, ids)
+        maps = torch.stack([patches[group].mean(0) for group in groups]).view(len(groups), grid_h, grid_w)
+        return tuple(words), maps.float().cpu().numpy()
+
+
+def _words(tokenizer: CaptionTokenizer, ids: list[int]) -> tuple[list[str], list[list[int]]]:
+    """Group token positions into words: a token whose text starts with a space begins a new word."""
+    words, groups = [], []
+    for position, token_id in enumerate(ids):
+        piece = tokenizer.backend.decode([token_id])
+        if not groups or piece.startswith(" "):
+            words.append(piece.strip())
+            groups.append([position])
+        else:
+            words[-1] += piece
+            groups[-1].append(position)
+    return words, groups
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.endswith((".pt", ".safetensors"))
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, HUB_FILENAME, revision=revision))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise CheckpointError(
+            f"{repo_id}: cannot download {HUB_FILENAME} from the Hugging Face Hub ({error})"
+        ) from error

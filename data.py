@@ -1,0 +1,273 @@
+"""Caption data sets: reading the four layouts users have, and caching frozen encoder work on disk.
+
+Layouts (`load_captions` tells them apart):
+1. a folder with ``captions.csv`` (columns image, caption, split) and an ``images/`` folder (our Flickr8k copy);
+2. a COCO-style captions JSON (``images`` + ``annotations``), images beside it or in an ``images/`` folder;
+3. the Flickr8k release: ``Flickr8k.token.txt`` plus ``Flickr_8k.{train,dev,test}Images.txt`` split lists;
+4. a folder of images, each with a same-named ``.txt`` file of captions, one per line (captioning-tool format);
+   sub-folders named train/val/test give the splits, otherwise every image is in ``train``.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from checkpoint import atomic_write
+from images import ImageError, ImageTransform, load_image
+from model import CaptionModel
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; raised before training starts."""
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    image: Path
+    captions: tuple[str, ...]
+
+
+def clean_caption(text: str) -> str:
+    """One line of plain text: whitespace collapsed, the sentence-final ' .' of Flickr/COCO captions dropped."""
+    text = " ".join(text.split())
+    return re.sub(r"\s*[.]+$", "", text)
+
+
+def load_captions(path: str | os.PathLike) -> dict[str, list[CaptionedImage]]:
+    """Every split of the data set at `path`, by split name, images in a stable order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix == ".json":
+        pairs = _read_coco(path)
+    elif path.is_file() and path.suffix == ".csv":
+        pairs = _read_csv(path, path.parent / "images")
+    elif (path / "captions.csv").is_file():
+        pairs = _read_csv(path / "captions.csv", path / "images")
+    elif (path / "Flickr8k.token.txt").is_file():
+        pairs = _read_flickr_release(path)
+    elif path.is_dir():
+        pairs = _read_sidecar_folder(path)
+    else:
+        raise DataError(f"{path}: not a data set (expected a folder, a captions .csv or a COCO .json)")
+    splits: dict[str, dict[Path, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for split, image, caption in pairs:
+        caption = clean_caption(caption)
+        if caption:
+            splits[split][image].append(caption)
+    return {
+        split: [CaptionedImage(image, tuple(captions)) for image, captions in sorted(images.items())]
+        for split, images in splits.items()
+    }
+
+
+def load_split(path: str | os.PathLike, split: str) -> list[CaptionedImage]:
+    """One split; a missing or empty split is a `DataError` naming the splits that exist."""
+    splits = load_captions(path)
+    if not splits.get(split):
+        found = ", ".join(f"{name} ({len(items)} images)" for name, items in sorted(splits.items())) or "none"
+        raise DataError(f"{path}: no '{split}' split with captions (found: {found})")
+    return splits[split]
+
+
+def _split_name(value: str, source: str) -> str:
+    name = _SPLIT_ALIASES.get(value.strip().lower())
+    if name is None:
+        raise DataError(f"{source}: unknown split {value!r} (expected train, val or test)")
+    return name
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}); re-save it as UTF-8") from error
+
+
+def _read_csv(csv_path: Path, image_dir: Path):
+    text = _read_text(csv_path)
+    reader = csv.DictReader(text.splitlines())
+    missing = {"image", "caption", "split"} - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} (need image, caption, split)")
+    for line, row in enumerate(reader, start=2):
+        if row["image"] is None or row["caption"] is None:
+            raise DataError(f"{csv_path}:{line}: too few fields")
+        yield _split_name(row["split"] or "", f"{csv_path}:{line}"), image_dir / row["image"], row["caption"]
+
+
+def _read_coco(json_path: Path):
+    try:
+        data = json.loads(_read_text(json_path))
+        images = {entry["id"]: entry for entry in data["images"]}
+        annotations = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{json_path}: not a COCO captions file ({error})") from error
+    image_dir = json_path.parent / "images" if (json_path.parent / "images").is_dir() else json_path.parent
+    default_split = next((split for alias, split in _SPLIT_ALIASES.items() if alias in json_path.stem.lower()), "train")
+    for annotation in annotations:
+        entry = images.get(annotation.get("image_id"))
+        if entry is None:
+            raise DataError(
+                f"{json_path}: annotation {annotation.get('id')} names unknown image {annotation.get('image_id')}"
+            )
+        split = _split_name(entry["split"], str(json_path)) if "split" in entry else default_split
+        yield split, image_dir / entry.get("filepath", "") / entry["file_name"], str(annotation.get("caption", ""))
+
+
+def _read_flickr_release(folder: Path):
+    split_of = {}
+    for split, list_name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+        list_file = folder / f"Flickr_8k.{list_name}.txt"
+        if list_file.is_file():
+            split_of.update({name.strip(): split for name in _read_text(list_file).split() if name.strip()})
+    if not split_of:
+        raise DataError(f"{folder}: Flickr8k.token.txt without any Flickr_8k.*Images.txt split list")
+    image_dir = folder / "Flicker8k_Dataset" if (folder / "Flicker8k_Dataset").is_dir() else folder / "images"
+    for line in _read_text(folder / "Flickr8k.token.txt").splitlines():
+        if "\t" not in line:
+            continue
+        key, caption = line.split("\t", 1)
+        name = key.split("#", 1)[0]
+        if name in split_of:
+            yield split_of[name], image_dir / name, caption
+
+
+def _read_sidecar_folder(folder: Path):
+    for image in sorted(folder.rglob("*")):
+        if image.suffix.lower() not in IMAGE_SUFFIXES or not image.is_file():
+            continue
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.is_file():
+            continue
+        top = image.relative_to(folder).parts[0].lower() if len(image.relative_to(folder).parts) > 1 else ""
+        split = _SPLIT_ALIASES.get(top, "train")
+        for caption in _read_text(sidecar).splitlines():
+            yield split, image, caption
+
+
+def read_image_file(path: Path) -> bytes | None:
+    """The file's bytes, or None (with a warning) when it cannot be read: training skips it."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        logger.warning("skipping %s: %s", path, error.strerror or error)
+        return None
+
+
+# ---- the cache of frozen encoder work ----
+
+
+class FeatureCache:
+    """The encoder's tokens after its frozen first blocks, stored per image (and per mirror image) on disk.
+
+    Entries live under a folder named by a hash of everything that determines them: the frozen weights, the
+    preprocessing and the number of frozen blocks; each entry is named by a hash of the image's bytes. Entries are
+    written atomically, so an interrupted fill resumes where it stopped, and a damaged entry is recomputed.
+    """
+
+    def __init__(self, root: str | os.PathLike, model: CaptionModel, frozen_blocks: int):
+        self.model = model
+        self.frozen_blocks = frozen_blocks
+        self.transform = ImageTransform.for_model(model.config)
+        self.directory = Path(root) / self._key()
+        self.skipped: list[Path] = []
+        self._hashes: dict[Path, str] = {}  # image path -> hash of its bytes, filled by `fill`
+
+    def _key(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(repr((self.model.config.encoder, self.transform, self.frozen_blocks)).encode())
+        encoder = self.model.encoder
+        for name, tensor in encoder.state_dict().items():
+            frozen = not name.startswith(("vit.blocks.", "vit.norm.", "vit.head", "vit.fc_norm"))
+            block = name.split(".")[2] if name.startswith("vit.blocks.") else None
+            if frozen or (block is not None and int(block) < self.frozen_blocks):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:20]
+
+    def _entry(self, image_hash: str) -> Path:
+        return self.directory / image_hash[:2] / f"{image_hash}.safetensors"
+
+    def fill(self, items: list[CaptionedImage], *, batch_size: int = 16, flips: bool = False) -> list[int]:
+        """Compute the missing entries; returns the indices of the items that are usable (readable images)."""
+        device = next(self.model.parameters()).device
+        usable, pending = [], []
+        for index, item in enumerate(tqdm(items, desc="hashing images", unit="img", leave=False)):
+            data = read_image_file(item.image)
+            if data is None:
+                self.skipped.append(item.image)
+                continue
+            image_hash = hashlib.sha256(data).hexdigest()
+            self._hashes[item.image] = image_hash
+            if self._valid(self._entry(image_hash), flips):
+                usable.append(index)
+            else:
+                pending.append((index, data, image_hash))
+        progress = tqdm(total=len(pending), desc="caching encoder tokens", unit="img", disable=not pending)
+        for start in range(0, len(pending), batch_size):
+            batch = []
+            for index, data, image_hash in pending[start : start + batch_size]:
+                try:
+                    batch.append((index, load_image(data), image_hash))
+                except ImageError as error:
+                    logger.warning("skipping %s: %s", items[index].image, error)
+                    self.skipped.append(items[index].image)
+            if batch:
+                pictures = [picture for _, picture, _ in batch]
+                variants = {"tokens": self.transform(pictures)}
+                if flips:
+                    variants["flipped"] = self.transform(pictures, flip=[True] * len(pictures))
+                with torch.inference_mode():
+                    encoded = {
+                        name: self._frozen_tokens(pixels.to(device)).half().cpu() for name, pixels in variants.items()
+                    }
+                for row, (index, _, image_hash) in enumerate(batch):
+                    tensors = {name: values[row].contiguous() for name, values in encoded.items()}
+                    self._write(self._entry(image_hash), tensors)
+                    usable.append(index)
+            progress.update(len(pending[start : start + batch_size]))
+        progress.close()
+        if self.skipped:
+            logger.warning("%d unreadable image(s) skipped, e.g. %s", len(self.skipped), self.skipped[0])
+        return sorted(usable)
+
+    def _frozen_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        encoder = self.model.encoder
+        return encoder.blocks(encoder.stem(pixels), 0, self.frozen_blocks)
+
+    def _valid(self, entry: Path, flips: bool) -> bool:
+        if not entry.is_file():
+            return False
+        try:
+            tensors = load_file(entry)
+        except (SafetensorError, OSError):
+            logger.warning("recomputing damaged cache entry %s", entry)
+            return False
+        return "tokens" in tensors and (not flips or "flipped" in tensors)
+
+    @staticmethod
+    def _write(entry: Path, tensors: dict[str, torch.Tensor]) -> None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(entry, lambda temporary: save_file(tensors, temporary))
+
+    def load(self, items: list[CaptionedImage], variant: str = "tokens") -> torch.Tensor:
+        """Stacked tokens (len(items), N, C) in float16 for items already filled."""
+        return torch.stack([load_file(self._entry(self._hashes[item.image]))[variant] for item in items])

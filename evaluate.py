@@ -1,0 +1,120 @@
+"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) with pycocoevalcap, and the evaluation command.
+
+    python evaluate.py --model captioner.pt --data ../shared/data/flickr8k --split test [--num-beams 5 ...]
+
+Scores are on pycocoevalcap's 0-1 scale, computed in one call over the whole split (never averaged over batches).
+METEOR and the PTB tokenizer run on Java; SPICE is left out (it needs downloads that do not work offline).
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from tqdm import tqdm
+
+from captioner import Captioner
+from checkpoint import CheckpointError
+from config import DecodeConfig, add_arguments, from_arguments
+from data import DataError, load_split
+from images import ImageError
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+class JavaMissingError(RuntimeError):
+    pass
+
+
+def require_java() -> None:
+    if shutil.which("java") is None:
+        raise JavaMissingError(
+            "METEOR and the PTB tokenizer (pycocoevalcap) need Java, which is not on PATH: "
+            "install a Java runtime, e.g. `apt-get install default-jre-headless` (Debian, Ubuntu) "
+            "or `brew install openjdk` (macOS)"
+        )
+
+
+def score_captions(references: dict[str, list[str]], candidates: dict[str, str]) -> dict[str, float]:
+    """Corpus-level metrics of one candidate per image against that image's references."""
+    if set(references) != set(candidates):
+        raise ValueError("references and candidates must cover the same images")
+    if not candidates:
+        raise ValueError("no captions to score")
+    require_java()
+    tokenizer = PTBTokenizer()
+    refs = tokenizer.tokenize({key: [{"caption": text} for text in texts] for key, texts in references.items()})
+    hyps = tokenizer.tokenize({key: [{"caption": text}] for key, text in candidates.items()})
+    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+    scores = {f"BLEU-{n}": float(value) for n, value in enumerate(bleu, start=1)}
+    scores["METEOR"] = float(Meteor().compute_score(refs, hyps)[0])  # its Java process ends with the object
+    scores["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
+    scores["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
+    return scores
+
+
+def distinct_ratio(captions: Sequence[str]) -> float:
+    """Distinct captions / images: low values mean the model collapsed to a few generic captions."""
+    return len(set(captions)) / max(1, len(captions))
+
+
+def format_metrics(scores: dict[str, float]) -> str:
+    return "  ".join(f"{name} {scores[name]:.3f}" for name in METRICS if name in scores)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model file, folder or hub id (default: captioner.pt)")
+    parser.add_argument("--data", required=True, help="data set (see data.py for the layouts)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
+    parser.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
+    parser.add_argument("--device", default=None)
+    add_arguments(parser, DecodeConfig)
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        require_java()
+        config = from_arguments(DecodeConfig, arguments)
+        items = load_split(arguments.data, arguments.split)
+        if arguments.limit:
+            items = items[: arguments.limit]
+        captioner = Captioner.load(arguments.model, device=arguments.device)
+    except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    candidates, references, skipped = {}, {}, []
+    results = captioner.caption_each([item.image for item in items], config, batch_size=arguments.batch_size)
+    for item, result in tqdm(zip(items, results, strict=True), total=len(items), desc="captioning", unit="img"):
+        if isinstance(result, ImageError):
+            skipped.append(str(result))
+        else:
+            candidates[item.image.name], references[item.image.name] = result.text, list(item.captions)
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}", file=sys.stderr)
+    scores = score_captions(references, candidates)
+    print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
+    print(format_metrics(scores))
+    texts = list(candidates.values())
+    print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
+    if arguments.output:
+        with open(arguments.output, "w", encoding="utf-8") as file:
+            for key, text in candidates.items():
+                file.write(json.dumps({"image": key, "caption": text, "references": references[key]}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

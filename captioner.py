@@ -35,6 +35,7 @@ class Caption:
     text: str
     confidence: float  # exp(mean token log-probability), see the module doc
     score: float  # the decoder's ranking score (length-penalised for beam search)
+    token_ids: tuple[int, ...]  # generated tokens, EOS included when reached (the prefix is not)
     token_logprobs: tuple[float, ...]
     words: tuple[str, ...] = ()  # the caption's words, when attention was requested
     attention: np.ndarray | None = None  # (len(words), grid_h, grid_w): where the model looked for each word
@@ -158,7 +159,7 @@ class Captioner:
         logprobs = generation.token_logprobs[image, rank, :length].tolist()
         text = self.tokenizer.decode(prefix_ids + ids)
         confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
-        caption = Caption(text, confidence, float(generation.scores[image, rank]), tuple(logprobs))
+        caption = Caption(text, confidence, float(generation.scores[image, rank]), tuple(ids), tuple(logprobs))
         if image_tokens is None:
             return caption
         words, attention = self._word_attention(

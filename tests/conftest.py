@@ -44,6 +44,22 @@ def tiny_tokenizer():
     return train_caption_tokenizer(TINY_CAPTIONS * 4, vocab_size=PRESETS["tiny"].vocab_size)
 
 
+def make_decisive(model: CaptionModel, eos_token_id: int, eos_bias: float, seed: int = 0) -> CaptionModel:
+    """Give a random model image-dependent captions that end at different steps.
+
+    GPT-2's init gives near-uniform logits that echo the input token (with BOS = EOS: captions end at once); larger
+    weights make choices decisive, and a bias along the EOS embedding in ln_f sets how soon captions end.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.decoder.named_parameters():
+            if parameter.dim() == 2 and not name.startswith("wpe"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        eos = model.decoder.wte.weight[eos_token_id]
+        model.decoder.ln_f.bias.copy_(eos_bias * eos / eos.dot(eos))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     torch.manual_seed(0)
@@ -55,6 +71,17 @@ def tiny_model(tiny_tokenizer):
         base=PRESETS["tiny"],
         vocab_size=tiny_tokenizer.vocab_size,
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def captioning_model(tiny_tokenizer):
+    """A tiny model whose (meaningless) captions are several tokens long and differ between images."""
+    torch.manual_seed(0)
+    model = CaptionModel.from_parts(
+        "vit_tiny_patch16_224", None, encoder_pretrained=False, image_size=32, base=PRESETS["tiny"],
+        vocab_size=tiny_tokenizer.vocab_size,
+    ).eval()  # fmt: skip
+    return make_decisive(model, tiny_tokenizer.eos_token_id, eos_bias=2.0)
 
 
 def make_tiny_gpt2(directory: Path, *, cross_attention: bool, seed: int = 0) -> Path:

@@ -1,0 +1,146 @@
+"""Decoding speed, side by side in one process: our decoder vs transformers' GPT-2 `generate()`.
+
+    python benchmark.py            # the full table
+    python benchmark.py --quick    # fewer tokens and repeats, well under a minute on a 2-core CPU
+
+Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
+`VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
+`--new-tokens` tokens (min = max new tokens, so EOS cannot end either early). Random weights are fine for timing.
+Captions/s is images captioned per second; the ratio is ours / transformers. A second table splits the end-to-end
+latency of one caption into encoder and decoder time.
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+import decoding
+from config import PRESETS, DecodeConfig
+from model import CaptionModel, gpt2_state_dict
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _reference(model: CaptionModel, eos: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    reference = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            layer_norm_epsilon=c.layer_norm_epsilon, add_cross_attention=True, bos_token_id=eos, eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    ).eval()  # fmt: skip
+    reference.load_state_dict(gpt2_state_dict(model))
+    return reference
+
+
+def benchmark_preset(name: str, new_tokens: int, repeats: int, batches: Sequence[int]) -> list[dict]:
+    config = PRESETS[name]
+    torch.manual_seed(0)
+    model = CaptionModel(config).eval()
+    eos = config.vocab_size - 1
+    reference = _reference(model, eos)
+    rows = []
+    for batch in batches:
+        with torch.inference_mode():
+            image_tokens = model.encode(torch.randn(batch, 3, config.image_size, config.image_size))
+        for strategy, beams in (("greedy", 1), ("beam", 3)):
+            decode = DecodeConfig(
+                strategy=strategy, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+            )
+
+            def ours(decode=decode, image_tokens=image_tokens):
+                return decoding.generate(model, image_tokens, decode, bos_token_id=eos, eos_token_id=eos)
+
+            def theirs(beams=beams, image_tokens=image_tokens, batch=batch):
+                with torch.inference_mode():
+                    return reference.generate(
+                        torch.full((batch, 1), eos), encoder_hidden_states=image_tokens, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, num_beams=beams, do_sample=False, early_stopping=True,
+                    )  # fmt: skip
+
+            ours_seconds = _median_seconds(ours, repeats)
+            theirs_seconds = _median_seconds(theirs, repeats)
+            rows.append(
+                {
+                    "preset": name, "decoding": f"{strategy} {beams}" if strategy == "beam" else strategy,
+                    "batch": batch, "ours": batch / ours_seconds, "transformers": batch / theirs_seconds,
+                    "ratio": theirs_seconds / ours_seconds,
+                }
+            )  # fmt: skip
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def latency_split(name: str, repeats: int) -> dict:
+    """One image end to end with the default decoding: preprocessing-free encoder time and decoder time."""
+    config = PRESETS[name]
+    torch.manual_seed(0)
+    model = CaptionModel(config).eval()
+    pixels = torch.randn(1, 3, config.image_size, config.image_size)
+    eos = config.vocab_size - 1
+    decode = dataclasses.replace(DecodeConfig(), max_new_tokens=15, min_new_tokens=15)
+    with torch.inference_mode():
+        image_tokens = model.encode(pixels)
+
+        def encode():
+            with torch.inference_mode():
+                model.encode(pixels)
+
+        encoder = _median_seconds(encode, repeats)
+        decoder = _median_seconds(
+            lambda: decoding.generate(model, image_tokens, decode, bos_token_id=eos, eos_token_id=eos), repeats
+        )
+    return {"preset": name, "encoder_ms": encoder * 1000, "decoder_ms": decoder * 1000}
+
+
+HEADER = "| preset | decoding | batch | ours captions/s | transformers captions/s | ours / transformers |"
+
+
+def _row(row: dict) -> str:
+    return (
+        f"| {row['preset']} | {row['decoding']} | {row['batch']} | {row['ours']:.2f} | {row['transformers']:.2f} | "
+        f"{row['ratio']:.2f}x |"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under a minute on 2 cores)")
+    parser.add_argument("--presets", nargs="+", default=["small", "vit-gpt2"], choices=sorted(PRESETS))
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per caption (default 20)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median reported (default 5)")
+    arguments = parser.parse_args(argv)
+    new_tokens = arguments.new_tokens or (12 if arguments.quick else 20)
+    repeats = arguments.repeats or (1 if arguments.quick else 5)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {new_tokens} new tokens, median of {repeats}")
+    print(HEADER)
+    print("|---|---|---|---|---|---|")
+    for name in arguments.presets:
+        benchmark_preset(name, new_tokens, repeats, batches=(1, 8))
+    print()
+    print("| preset | encoder ms | decoder ms (beam 3, 15 tokens) |")
+    print("|---|---|---|")
+    for name in arguments.presets:
+        split = latency_split(name, repeats)
+        print(f"| {split['preset']} | {split['encoder_ms']:.0f} | {split['decoder_ms']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The Captioner facade: any image input, reused encodings, honest confidences, attention maps, files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import Captioner, EncodedImages
+from checkpoint import save_captioner
+from config import DecodeConfig
+from images import ImageError
+
+
+@pytest.fixture(scope="module")
+def captioner(captioning_model, tiny_tokenizer):
+    return Captioner(captioning_model, tiny_tokenizer, {"trained_on": "fixture"}, device="cpu")
+
+
+def _photo(seed=0, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+GREEDY = DecodeConfig(strategy="greedy", max_new_tokens=8)
+
+
+def test_paths_bytes_pil_and_arrays_give_the_same_caption(captioner, tmp_path):
+    photo = _photo()
+    photo.save(tmp_path / "photo.png")
+    sources = [
+        photo,
+        np.asarray(photo),
+        tmp_path / "photo.png",
+        str(tmp_path / "photo.png"),
+        (tmp_path / "photo.png").read_bytes(),
+    ]
+    texts = [caption.text for caption in captioner.caption(sources, GREEDY)]
+    assert len(set(texts)) == 1 and texts[0]
+
+
+def test_image_modes_are_converted_like_their_rgb_equivalents(captioner):
+    gray = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40), dtype=np.uint8))
+    rgba = _photo(2).convert("RGBA")  # fully opaque: same pixels as RGB
+    palette = _photo(3).convert("P")
+    expected = [gray.convert("RGB"), rgba.convert("RGB"), palette.convert("RGB")]
+    actual = captioner.caption([gray, rgba, palette], GREEDY)
+    reference = captioner.caption(expected, GREEDY)
+    assert [c.text for c in actual] == [c.text for c in reference]
+    assert [c.score for c in actual] == pytest.approx([c.score for c in reference])
+
+
+def test_exif_rotation_is_applied(captioner, tmp_path):
+    photo = _photo(4, size=(48, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90° clockwise to view
+    photo.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    stored = np.asarray(Image.open(tmp_path / "rotated.jpg").convert("RGB"))
+    upright = Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1)))  # 90° clockwise
+    [from_file] = captioner.caption([tmp_path / "rotated.jpg"], GREEDY)
+    [from_upright] = captioner.caption([upright], GREEDY)
+    [from_sideways] = captioner.caption([Image.fromarray(stored)], GREEDY)
+    assert from_file.score == pytest.approx(from_upright.score)
+    assert from_file.score != pytest.approx(from_sideways.score)
+
+
+def test_one_encoding_serves_several_decodings(captioner):
+    photos = [_photo(5), _photo(6)]
+    encoded = captioner.encode(photos)
+    assert isinstance(encoded, EncodedImages) and encoded.tokens.shape[0] == 2
+    for config in (GREEDY, DecodeConfig(num_beams=2, max_new_tokens=8)):
+        assert [c.text for c in captioner.caption(encoded, config)] == [
+            c.text for c in captioner.caption(photos, config)
+        ]
+
+
+def test_confidence_is_the_geometric_mean_of_the_models_token_probabilities(captioner):
+    [caption] = captioner.caption([_photo(7)], GREEDY)
+    model, tokenizer = captioner.model, captioner.tokenizer
+    ids = list(caption.token_ids)
+    assert tokenizer.decode(ids) == caption.text
+    inputs = torch.tensor([[tokenizer.bos_token_id, *ids[:-1]]])
+    with torch.no_grad():
+        image_tokens = captioner.encode([_photo(7)]).tokens
+        logprobs = model.decode(inputs, image_tokens).log_softmax(-1)[0].gather(1, torch.tensor(ids)[:, None])[:, 0]
+    np.testing.assert_allclose(caption.token_logprobs, logprobs.numpy(), atol=1e-4)
+    assert caption.confidence == pytest.approx(np.exp(logprobs.mean().item()), rel=1e-4)
+    assert 0.0 < caption.confidence <= 1.0
+
+
+def test_alternatives_and_attention_maps(captioner):
+    config = DecodeConfig(num_beams=3, num_return_sequences=3, max_new_tokens=6)
+    [caption] = captioner.caption([_photo(8)], config, attention=True)
+    assert len(caption.alternatives) == 2
+    assert caption.score >= caption.alternatives[0].score >= caption.alternatives[1].score
+    vit = captioner.model.encoder.vit
+    assert caption.attention.shape == (len(caption.words), *vit.patch_embed.grid_size)
+    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-4)
+    assert " ".join(caption.words) == caption.text
+
+
+def test_a_prefix_is_continued(captioner):
+    [caption] = captioner.caption([_photo(9)], GREEDY, prefix="a dog")
+    assert caption.text.startswith("a dog")
+
+
+def test_seed_makes_sampling_reproducible(captioner):
+    config = DecodeConfig(strategy="sample", num_return_sequences=3, temperature=2.0, seed=11, max_new_tokens=8)
+    first = captioner.caption([_photo(10)], config)
+    second = captioner.caption([_photo(10)], config)
+    texts = lambda captions: [c.text for c in captions[0].alternatives] + [captions[0].text]  # noqa: E731
+    assert texts(first) == texts(second)
+
+
+def test_bad_images_raise_image_error_and_caption_each_reports_them(captioner, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        captioner.caption([tmp_path / "notes.txt"], GREEDY)
+    results = list(captioner.caption_each([_photo(11), tmp_path / "notes.txt", tmp_path / "absent.jpg"], GREEDY))
+    assert results[0].text is not None
+    assert isinstance(results[1], ImageError) and isinstance(results[2], ImageError)
+    assert "no such file" in str(results[2])
+
+
+def test_load_from_a_file(tmp_path, captioning_model, tiny_tokenizer, captioner):
+    save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {"trained_on": "fixture"})
+    loaded = Captioner.load(tmp_path / "captioner.pt", device="cpu")
+    assert loaded.metadata == {"trained_on": "fixture"}
+    photo = _photo(12)
+    assert loaded.caption([photo], GREEDY)[0].text == captioner.caption([photo], GREEDY)[0].text
+
+
+def test_too_long_a_request_is_a_clear_error(captioner):
+    with pytest.raises(ValueError, match="max_new_tokens must be at most"):
+        captioner.caption([_photo(13)], DecodeConfig(strategy="greedy", max_new_tokens=200))

@@ -1,0 +1,150 @@
+"""Caption images from the command line: files, folders (recursively) and globs, with the model loaded once.
+
+    python caption.py examples/*
+    python caption.py --format jsonl --num-beams 5 photos/ > captions.jsonl
+    python caption.py --sidecar dataset/          # writes dataset/.../<image>.txt beside each image
+
+Unreadable files are reported on stderr and skipped; the exit code is then 1. Nothing a user already has is
+overwritten without --overwrite (an --output file, or existing sidecar .txt files, which are skipped).
+"""
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioner import Captioner
+from checkpoint import CheckpointError, atomic_write
+from config import DecodeConfig, add_arguments, from_arguments
+from data import IMAGE_SUFFIXES
+from images import ImageError
+
+FORMATS = ("text", "jsonl", "csv")
+
+
+def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Image paths from files, folders (recursive, image suffixes only) and globs; plus the arguments that matched
+    nothing. A file named explicitly is kept whatever its suffix: the user asked for it."""
+    found, missing = [], []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found += sorted(
+                str(path)
+                for path in Path(argument).rglob("*")
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+            )
+        elif os.path.exists(argument):
+            found.append(argument)
+        elif glob.has_magic(argument):
+            matches = sorted(glob.glob(argument, recursive=True))
+            found += [match for match in matches if os.path.isfile(match)]
+            if not matches:
+                missing.append(argument)
+        else:
+            missing.append(argument)
+    return list(dict.fromkeys(found)), missing
+
+
+def _lines(results: Iterator[tuple[str, str, float]], output_format: str) -> Iterator[str]:
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image", "caption", "confidence"])
+        yield buffer.getvalue()
+    for image, text, confidence in results:
+        if output_format == "jsonl":
+            yield json.dumps({"image": image, "caption": text, "confidence": round(confidence, 4)}) + "\n"
+        elif output_format == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer).writerow([image, text, f"{confidence:.4f}"])
+            yield buffer.getvalue()
+        else:
+            yield f"{image}\t{text}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--model", default=None, help="model file, folder or Hub repo id (default: captioner.pt)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
+    parser.add_argument("--format", choices=FORMATS, default="text", dest="output_format")
+    parser.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    parser.add_argument("--sidecar", action="store_true", help="write <image>.txt beside each image")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or sidecar files")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_arguments(parser, DecodeConfig)
+    arguments = parser.parse_args(argv)
+
+    if arguments.output and arguments.output.exists() and not arguments.overwrite:
+        parser.error(f"{arguments.output} exists; pass --overwrite to replace it")
+    if arguments.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        config = from_arguments(DecodeConfig, arguments)
+    except ValueError as error:
+        parser.error(str(error))
+    paths, missing = expand_paths(arguments.paths)
+    failures = [f"{argument}: no such file, folder or matching glob" for argument in missing]
+    if arguments.sidecar and not arguments.overwrite:
+        existing = [path for path in paths if Path(path).with_suffix(".txt").exists()]
+        if existing:
+            print(
+                f"skipping {len(existing)} image(s) that already have a .txt caption (--overwrite to redo)",
+                file=sys.stderr,
+            )
+            paths = [path for path in paths if path not in set(existing)]
+    try:
+        captioner = Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision)
+    except (CheckpointError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    def results() -> Iterator[tuple[str, str, float]]:
+        progress = tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not paths)
+        for path, result in zip(
+            paths, captioner.caption_each(paths, config, batch_size=arguments.batch_size), strict=True
+        ):
+            progress.update(1)
+            if isinstance(result, ImageError):
+                failures.append(str(result))
+                continue
+            if arguments.sidecar:
+                sidecar = Path(path).with_suffix(".txt")
+                atomic_write(sidecar, lambda temporary, text=result.text: Path(temporary).write_text(text + "\n"))
+            yield path, result.text, result.confidence
+        progress.close()
+
+    try:
+        if arguments.output:
+            atomic_write(
+                arguments.output,
+                lambda temporary: Path(temporary).write_text("".join(_lines(results(), arguments.output_format))),
+            )
+        else:
+            for line in _lines(results(), arguments.output_format):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for failure in failures:
+        print(f"skipped {failure}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} input(s) could not be captioned", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,8 +23,7 @@ from tqdm import tqdm
 from captioner import Captioner
 from checkpoint import CheckpointError, atomic_write
 from config import DecodeConfig, add_arguments, from_arguments
-from data import IMAGE_SUFFIXES
-from images import ImageError
+from images import IMAGE_SUFFIXES, ImageError
 
 FORMATS = ("text", "jsonl", "csv")
 

@@ -10,7 +10,11 @@ Confidence is the geometric mean of the model's probabilities for the caption's 
 
 import dataclasses
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,12 +110,9 @@ class Captioner:
             attention: also return, for each word, the cross-attention over the image patches.
             generator: randomness for sampling; by default seeded from `config.seed` when set.
         """
-        config = dataclasses.replace(config or DecodeConfig(), **options)
+        config = self.check(dataclasses.replace(config or DecodeConfig(), **options))
         encoded = images if isinstance(images, EncodedImages) else self.encode(images)
-        prefix_ids = self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
-        if len(prefix_ids) + 1 + config.max_new_tokens > self.model.config.n_positions:
-            room = self.model.config.n_positions - 1 - len(prefix_ids)
-            raise ValueError(f"max_new_tokens must be at most {room} with this prefix (the model's limit)")
+        prefix_ids = self._prefix_ids(config)
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         generation = decoding.generate(
@@ -133,6 +134,22 @@ class Captioner:
             ]
             captions.append(dataclasses.replace(ranked[0], alternatives=tuple(ranked[1:])))
         return captions
+
+    def default_config(self) -> DecodeConfig:
+        """The decoding the model's card recommends (saved with it), else `DecodeConfig`'s defaults."""
+        return DecodeConfig(**self.metadata.get("decoding", {}))
+
+    def _prefix_ids(self, config: DecodeConfig) -> list[int]:
+        return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
+
+    def check(self, config: DecodeConfig) -> DecodeConfig:
+        """`config`, if this model can honour it; else ValueError saying what to change."""
+        room = self.model.config.n_positions - 1 - len(self._prefix_ids(config))
+        if room < 1:
+            raise ValueError("prefix is too long for this model")
+        if config.max_new_tokens > room:
+            raise ValueError(f"max_new_tokens must be at most {room} with this prefix (the model's limit)")
+        return config
 
     def caption_each(
         self, sources: Sequence[ImageSource], config: DecodeConfig | None = None, *, batch_size: int = 16, **options
@@ -214,3 +231,53 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
         raise CheckpointError(
             f"{repo_id}: cannot download {HUB_FILENAME} from the Hugging Face Hub ({error})"
         ) from error
+
+
+class BatchingCaptioner:
+    """Serves concurrent callers: requests that arrive together with the same options run as one batch.
+
+    Greedy and beam-search captions do not depend on which other images share the batch (tested), so batching
+    only raises throughput. Sampling runs alone, so that a seed reproduces its captions.
+    """
+
+    def __init__(self, captioner: Captioner, *, max_batch: int = 8, wait_seconds: float = 0.01):
+        self.captioner = captioner
+        self.max_batch = max_batch
+        self.wait_seconds = wait_seconds
+        self._requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="caption-batcher", daemon=True).start()
+
+    def caption(self, image: Image.Image, config: DecodeConfig, *, attention: bool = False) -> Caption:
+        """Caption one loaded image; blocks until done. Errors are raised to this caller only."""
+        self.captioner.check(config)
+        done: Future = Future()
+        self._requests.put((image, config, attention, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            pending = [self._requests.get()]
+            deadline = time.monotonic() + self.wait_seconds
+            while len(pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    pending.append(self._requests.get(timeout=left))
+                except queue.Empty:
+                    break
+            groups: dict = {}
+            for request in pending:
+                _, config, attention, _ = request
+                key = (config, attention) if config.strategy != "sample" else id(request)
+                groups.setdefault(key, []).append(request)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group: list) -> None:
+        _, config, attention, _ = group[0]
+        try:
+            captions = self.captioner.caption([image for image, *_ in group], config, attention=attention)
+        except Exception as error:  # handed to every caller of the group; the server thread lives on
+            for *_, done in group:
+                done.set_exception(error)
+            return
+        for (*_, done), caption in zip(group, captions, strict=True):
+            done.set_result(caption)

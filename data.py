@@ -24,12 +24,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from checkpoint import atomic_write
-from images import ImageError, ImageTransform, load_image
+from images import IMAGE_SUFFIXES, ImageError, ImageTransform, load_image
 from model import CaptionModel
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 

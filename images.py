@@ -20,6 +20,8 @@ from config import ModelConfig
 MAX_PIXELS = 120_000_000
 MAX_FILE_BYTES = 100 * 1024 * 1024
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 

@@ -1,0 +1,451 @@
+"""The web app: caption a photo (with alternatives and where the model looked), or a whole batch of files.
+
+    python app.py                         # the shipped captioner.pt, http://127.0.0.1:7860
+    python app.py --model user/repo       # a model from the Hugging Face Hub
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
+
+A thin layer over `captioner.Captioner`: it checks what users send, turns every problem into a `gr.Error` with a
+specific message, and shapes results for display. Endpoints for `gradio_client`: `/caption` and `/caption_batch`.
+"""
+
+import argparse
+import base64
+import csv
+import dataclasses
+import os
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from captioner import BatchingCaptioner, Caption, Captioner
+from checkpoint import CheckpointError
+from config import STRATEGIES, DecodeConfig
+from images import IMAGE_SUFFIXES, ImageError, load_image
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+MAX_BATCH_FILES = 200
+MAX_ZIP_BYTES = 300 * 1024 * 1024  # uncompressed total of one .zip
+QUEUE_SIZE = 64  # requests waiting beyond this are told the server is busy
+BATCH_CONCURRENCY = 1  # folders of photos: one at a time, each already batched inside
+CAPTION_CONCURRENCY = 8  # single photos: enough parallel requests for the batcher to group them
+
+
+# ---- reading what the browser or gradio_client sends ----
+
+
+def _image_from_payload(payload) -> Image.Image:
+    """A loaded image from the unprocessed Image/File payload (a dict with `path`, or a data: URL)."""
+    if payload is None:
+        raise gr.Error("Please add a photo first (upload, paste or webcam).")
+    if isinstance(payload, dict):
+        path, url = payload.get("path"), payload.get("url") or ""
+    else:  # a plain path string, e.g. from gr.Examples
+        path, url = str(payload), ""
+    try:
+        if url.startswith("data:"):
+            return load_image(base64.b64decode(url.split(",", 1)[1]))
+        if not path:
+            raise ImageError("no file was received")
+        return load_image(path)
+    except ImageError as error:
+        raise gr.Error(_user_message(error, payload)) from error
+    except (ValueError, IndexError) as error:
+        raise gr.Error("The upload could not be decoded as an image.") from error
+
+
+def _user_message(error: ImageError, payload) -> str:
+    """The error with the server's temporary path replaced by the name the user knows."""
+    text = str(error)
+    if isinstance(payload, dict) and payload.get("path"):
+        text = text.replace(str(payload["path"]), payload.get("orig_name") or "the file")
+    return text
+
+
+def decode_config(
+    default: DecodeConfig,
+    strategy: str,
+    num_beams: float,
+    length_penalty: float,
+    max_new_tokens: float,
+    no_repeat_ngram_size: float,
+    num_alternatives: float,
+    temperature: float,
+    top_k: float,
+    top_p: float,
+    seed: float | None,
+    prefix: str | None,
+) -> DecodeConfig:
+    """The decoding options from the form (or an API call) as a checked DecodeConfig; gr.Error if out of range."""
+    try:
+        beams = _whole("num_beams", num_beams)
+        alternatives = _whole("alternatives", num_alternatives)
+        returned = (
+            min(beams, 1 + alternatives) if strategy == "beam" else (1 if strategy == "greedy" else 1 + alternatives)
+        )
+        return DecodeConfig(
+            strategy=strategy,
+            num_beams=beams,
+            length_penalty=float(length_penalty),
+            max_new_tokens=_whole("max_new_tokens", max_new_tokens),
+            no_repeat_ngram_size=_whole("no_repeat_ngram_size", no_repeat_ngram_size),
+            num_return_sequences=returned,
+            temperature=float(temperature),
+            top_k=_whole("top_k", top_k),
+            top_p=float(top_p),
+            seed=None if seed is None or seed == "" or float(seed) < 0 else _whole("seed", seed),
+            prefix=(prefix or "").strip(),
+            min_new_tokens=min(default.min_new_tokens, _whole("max_new_tokens", max_new_tokens)),
+            repetition_penalty=default.repetition_penalty,
+            early_stopping=default.early_stopping,
+        )
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"Invalid option: {error}") from error
+
+
+def _whole(name: str, value) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    number = float(value)
+    if not np.isfinite(number) or number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+# ---- shaping results ----
+
+
+def attention_overlay(photo: Image.Image, heatmap: np.ndarray) -> Image.Image:
+    """The photo with a word's attention map laid over it in red (strong) to transparent (none)."""
+    peak = float(heatmap.max()) or 1.0
+    grid = Image.fromarray((np.clip(heatmap / peak, 0, 1) * 255).astype(np.uint8))
+    mask = grid.resize(photo.size, Image.Resampling.BICUBIC)
+    red = Image.new("RGB", photo.size, (230, 30, 30))
+    dimmed = Image.blend(photo.convert("RGB"), Image.new("RGB", photo.size, (0, 0, 0)), 0.35)
+    return Image.composite(red, dimmed, mask.point(lambda value: int(value * 0.75))).convert("RGB")
+
+
+def _details(caption: Caption, config: DecodeConfig) -> dict:
+    return {
+        "caption": caption.text,
+        "confidence": round(caption.confidence, 4),
+        "score": round(caption.score, 4),
+        "num_tokens": len(caption.token_ids),
+        "alternatives": [
+            {"caption": other.text, "confidence": round(other.confidence, 4), "score": round(other.score, 4)}
+            for other in caption.alternatives
+        ],
+        "decoding": dataclasses.asdict(config),
+    }
+
+
+def about_markdown(captioner: Captioner) -> str:
+    metadata, config = captioner.metadata, captioner.model.config
+    parameters = sum(p.numel() for p in captioner.model.parameters())
+    lines = [
+        f"**Model**: {config.encoder} encoder at {config.image_size} px → GPT-2 decoder with cross-attention "
+        f"({config.n_layer} layers, width {config.n_embd}, {config.vocab_size} tokens); "
+        f"{parameters / 1e6:.1f} M parameters.",
+        f"**Trained on**: {metadata.get('trained_on', 'unknown')}",
+    ]
+    metrics = metadata.get("metrics") or {}
+    names = [name for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if name in metrics]
+    if names:
+        split = metadata.get("metrics_split", "test")
+        lines.append(f"**Scores on the {split} split**: " + ", ".join(f"{name} {metrics[name]:.3f}" for name in names))
+    if metadata.get("limitations"):
+        lines.append(f"**Limitations**: {metadata['limitations']}")
+    return "\n\n".join(lines)
+
+
+# ---- the app ----
+
+
+def build_app(captioner: Captioner) -> gr.Blocks:
+    default = captioner.default_config()
+    batcher = BatchingCaptioner(captioner)
+    limit = captioner.model.config.n_positions - 1
+
+    def caption_photo(
+        image,
+        strategy,
+        num_beams,
+        length_penalty,
+        max_new_tokens,
+        no_repeat_ngram_size,
+        num_alternatives,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        prefix,
+    ):
+        config = decode_config(
+            default,
+            strategy,
+            num_beams,
+            length_penalty,
+            max_new_tokens,
+            no_repeat_ngram_size,
+            num_alternatives,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            prefix,
+        )
+        photo = _image_from_payload(image)
+        try:
+            caption = batcher.caption(photo, config, attention=True)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        rows = [[caption.text, round(caption.confidence, 3), round(caption.score, 3)]] + [
+            [other.text, round(other.confidence, 3), round(other.score, 3)] for other in caption.alternatives
+        ]
+        words = list(caption.words)
+        first = words[0] if words else None
+        overlay = attention_overlay(photo, caption.attention[0]) if words else None
+        state = {"photo": photo, "words": words, "maps": caption.attention}
+        return (
+            caption.text,
+            _details(caption, config),
+            f"Confidence {caption.confidence:.0%}",
+            rows,
+            gr.Radio(choices=words, value=first, visible=bool(words)),
+            overlay,
+            state,
+        )
+
+    def show_word(word, state):
+        if not state or word not in state["words"]:
+            return None
+        return attention_overlay(state["photo"], state["maps"][state["words"].index(word)])
+
+    def caption_files(
+        files,
+        strategy,
+        num_beams,
+        length_penalty,
+        max_new_tokens,
+        no_repeat_ngram_size,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        prefix,
+        progress=gr.Progress(),  # noqa: B008  (gradio's way of asking for a progress bar)
+    ):
+        config = decode_config(
+            default,
+            strategy,
+            num_beams,
+            length_penalty,
+            max_new_tokens,
+            no_repeat_ngram_size,
+            0,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            prefix,
+        )
+        named_sources = _batch_sources(files)
+        rows = []
+        progress(0, desc="Captioning")
+        results = captioner.caption_each([source for _, source in named_sources], config, batch_size=8)
+        for index, ((name, _), result) in enumerate(zip(named_sources, results, strict=True)):
+            if isinstance(result, ImageError):
+                rows.append([name, "", None, _reason(result)])
+            else:
+                rows.append([name, result.text, round(result.confidence, 3), ""])
+            progress((index + 1) / len(named_sources), desc=f"Captioned {index + 1} of {len(named_sources)}")
+        return rows, _write_csv(rows)
+
+    with gr.Blocks(title="Image Captioner") as app:
+        gr.Markdown(
+            "# Image Captioner\nA small ViT + GPT-2 captioner that runs on a laptop CPU. "
+            "Add a photo and press **Caption**."
+        )
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(
+                        sources=["upload", "clipboard", "webcam"], type="filepath", label="Photo", height=360
+                    )
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                    with gr.Accordion("Decoding options", open=False):
+                        strategy = gr.Radio(list(STRATEGIES), value=default.strategy, label="Strategy")
+                        beams = gr.Slider(1, 8, value=default.num_beams, step=1, label="Beams (beam search)")
+                        length_penalty = gr.Slider(
+                            -1.0,
+                            3.0,
+                            value=default.length_penalty,
+                            step=0.1,
+                            label="Length penalty (beam search; higher: longer)",
+                        )
+                        max_tokens = gr.Slider(
+                            1, min(limit, 60), value=min(default.max_new_tokens, limit), step=1, label="Max new tokens"
+                        )
+                        no_repeat = gr.Slider(
+                            0, 5, value=default.no_repeat_ngram_size, step=1, label="No-repeat n-gram size (0: off)"
+                        )
+                        alternatives = gr.Slider(0, 7, value=2, step=1, label="Alternative captions (beam or sampling)")
+                        temperature = gr.Slider(
+                            0.1, 2.0, value=default.temperature, step=0.05, label="Temperature (sampling)"
+                        )
+                        top_k = gr.Slider(0, 200, value=default.top_k, step=1, label="Top-k (sampling; 0: off)")
+                        top_p = gr.Slider(0.05, 1.0, value=default.top_p, step=0.05, label="Top-p (sampling)")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (sampling; -1: random)")
+                        prefix = gr.Textbox(
+                            value="", label="Caption must continue this text", placeholder="e.g. a photo of"
+                        )
+                    gr.Examples(
+                        examples=sorted(str(path) for path in EXAMPLES.glob("*.jpg")), inputs=image, label="Examples"
+                    )
+                with gr.Column(scale=1):
+                    caption = gr.Textbox(
+                        label="Caption", elem_id="caption-text", lines=2, buttons=["copy"], elem_classes="caption-text"
+                    )
+                    confidence = gr.Markdown(label="Confidence")
+                    table = gr.Dataframe(
+                        headers=["caption", "confidence", "score"],
+                        label="Best caption and alternatives",
+                        interactive=False,
+                    )
+                    word = gr.Radio(choices=[], label="Where the model looked for this word", visible=False)
+                    overlay = gr.Image(label="Attention", interactive=False, height=300)
+                    details = gr.JSON(label="Details", visible=False)
+            state = gr.State()
+            options = [
+                strategy,
+                beams,
+                length_penalty,
+                max_tokens,
+                no_repeat,
+                alternatives,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                prefix,
+            ]
+            button.click(
+                caption_photo,
+                [image, *options],
+                [caption, details, confidence, table, word, overlay, state],
+                api_name="caption",
+                preprocess=False,
+                concurrency_limit=CAPTION_CONCURRENCY,
+            )
+            word.change(show_word, [word, state], overlay, api_visibility="private")
+        with gr.Tab("Batch"):
+            gr.Markdown(f"Caption up to {MAX_BATCH_FILES} photos at once: select several files, or one `.zip` of them.")
+            files = gr.File(file_count="multiple", label="Photos or a .zip", file_types=["image", ".zip"])
+            batch_button = gr.Button("Caption all", variant="primary")
+            results = gr.Dataframe(
+                headers=["file", "caption", "confidence", "error"], label="Captions", interactive=False
+            )
+            download = gr.File(label="Download CSV")
+            batch_options = [
+                strategy,
+                beams,
+                length_penalty,
+                max_tokens,
+                no_repeat,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                prefix,
+            ]
+            batch_button.click(
+                caption_files,
+                [files, *batch_options],
+                [results, download],
+                api_name="caption_batch",
+                preprocess=False,
+                concurrency_limit=BATCH_CONCURRENCY,
+            )
+        with gr.Tab("About this model"):
+            gr.Markdown(about_markdown(captioner))
+    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return app
+
+
+def _reason(error: ImageError) -> str:
+    """The error without its leading file name (a server-side temporary path the user never saw)."""
+    return str(error).split(": ", 1)[-1]
+
+
+def _batch_sources(files) -> list[tuple[str, object]]:
+    """(display name, image source) for each uploaded file, expanding .zip files in memory."""
+    if not files:
+        raise gr.Error("Please add some photos (or a .zip of photos) first.")
+    payloads = files if isinstance(files, list) else [files]
+    sources: list[tuple[str, object]] = []
+    for payload in payloads:
+        path = payload.get("path") if isinstance(payload, dict) else str(payload)
+        name = (payload.get("orig_name") if isinstance(payload, dict) else None) or os.path.basename(path or "")
+        if name.lower().endswith(".zip"):
+            sources += _zip_sources(path, name)
+        else:
+            sources.append((name, path))
+        if len(sources) > MAX_BATCH_FILES:
+            raise gr.Error(f"Too many files: at most {MAX_BATCH_FILES} per batch.")
+    if not sources:
+        raise gr.Error("The .zip holds no image files (JPEG, PNG, GIF, WebP, BMP, TIFF).")
+    return sources
+
+
+def _zip_sources(path: str, name: str) -> list[tuple[str, bytes]]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = [
+                info for info in archive.infolist()
+                if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_SUFFIXES
+                and not Path(info.filename).name.startswith(".")
+            ]  # fmt: skip
+            if len(entries) > MAX_BATCH_FILES:
+                raise gr.Error(f"{name} holds {len(entries)} images; at most {MAX_BATCH_FILES} per batch.")
+            if sum(info.file_size for info in entries) > MAX_ZIP_BYTES:
+                raise gr.Error(f"{name} unpacks to more than {MAX_ZIP_BYTES // 2**20} MiB; send fewer photos.")
+            return [(f"{name}/{info.filename}", archive.read(info)) for info in entries]
+    except (zipfile.BadZipFile, OSError) as error:
+        raise gr.Error(f"{name} is not a readable .zip file.") from error
+
+
+def _write_csv(rows: list[list]) -> str:
+    handle, path = tempfile.mkstemp(prefix="captions-", suffix=".csv")
+    with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["file", "caption", "confidence", "error"])
+        writer.writerows(rows)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model file, folder or Hub repo id (default: captioner.pt)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    arguments = parser.parse_args(argv)
+    try:
+        captioner = Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision)
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    app = build_app(captioner)
+    app.launch(share=arguments.share, show_error=True, max_file_size="50mb", css=CSS, footer_links=["api", "gradio"])
+    return 0
+
+
+CSS = ".caption-text textarea { font-size: 1.5rem !important; line-height: 1.4; }"
+
+if __name__ == "__main__":
+    sys.exit(main())

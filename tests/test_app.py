@@ -1,0 +1,136 @@
+"""The real app in a subprocess on a loopback port, called through gradio_client like a user's script would."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+from conftest import ROOT
+
+from checkpoint import save_captioner
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = ROOT / "examples" / "cat.jpg"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, captioning_model, tiny_tokenizer):
+    model_path = tmp_path_factory.mktemp("model") / "captioner.pt"
+    save_captioner(model_path, captioning_model, tiny_tokenizer, {"trained_on": "test fixture"})
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--model", str(model_path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app exited: {process.stdout.read()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app did not start within 90 s")
+    yield url, process
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def test_caption_endpoint_returns_a_caption_then_details(client):
+    from gradio_client import handle_file
+
+    result = client.predict(handle_file(str(EXAMPLE)), api_name="/caption")
+    text, details = result[0], result[1]
+    assert isinstance(text, str) and text.strip()
+    assert details["caption"] == text and 0 < details["confidence"] <= 1
+    assert len(details["alternatives"]) == 2  # default: beam 3, two alternatives
+
+
+def test_max_new_tokens_and_prefix_change_the_caption(client):
+    from gradio_client import handle_file
+
+    short = client.predict(handle_file(str(EXAMPLE)), max_new_tokens=3, api_name="/caption")
+    assert short[1]["num_tokens"] <= 3
+    prefixed = client.predict(handle_file(str(EXAMPLE)), prefix="a dog", max_new_tokens=8, api_name="/caption")
+    assert prefixed[0].startswith("a dog")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.txt", b"just some text\n", "not an image format"),
+        ("broken.jpg", None, "corrupt or truncated"),
+        ("empty.png", b"", "empty"),
+    ],
+)
+def test_bad_files_give_a_clear_error_and_the_server_keeps_serving(client, tmp_path, name, content, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else EXAMPLE.read_bytes()[:3000])
+    with pytest.raises(AppError, match=message) as caught:
+        client.predict(handle_file(str(path)), api_name="/caption")
+    assert "Traceback" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+    assert client.predict(handle_file(str(EXAMPLE)), api_name="/caption")[0].strip()
+
+
+def test_out_of_range_options_are_refused_clearly(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="num_beams"):
+        client.predict(handle_file(str(EXAMPLE)), num_beams=0, api_name="/caption")
+    with pytest.raises(AppError, match="temperature"):
+        client.predict(handle_file(str(EXAMPLE)), strategy="sample", temperature=-1, api_name="/caption")
+
+
+def test_caption_batch_returns_one_row_per_input_including_zip_members(client, tmp_path):
+    from gradio_client import handle_file
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(ROOT / "examples" / "coffee.jpg", "holiday/coffee.jpg")
+        zipped.write(ROOT / "examples" / "rocket.jpg", "rocket.jpg")
+        zipped.writestr("readme.md", "ignored: not an image file")
+    files = [handle_file(str(EXAMPLE)), handle_file(str(tmp_path / "notes.txt")), handle_file(str(archive))]
+    table, csv_path = client.predict(files, api_name="/caption_batch")
+    rows = table["data"]
+    assert [row[0] for row in rows] == [
+        "cat.jpg",
+        "notes.txt",
+        "photos.zip/holiday/coffee.jpg",
+        "photos.zip/rocket.jpg",
+    ]
+    assert rows[0][1] and not rows[0][3]
+    assert not rows[1][1] and "not an image" in rows[1][3]
+    with open(csv_path, encoding="utf-8") as file:
+        assert len(file.read().strip().splitlines()) == 1 + len(rows)

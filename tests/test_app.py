@@ -1,66 +1,20 @@
 """The real app in a subprocess on a loopback port, called through gradio_client like a user's script would."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import zipfile
 
 import pytest
 from conftest import ROOT
-
-from checkpoint import save_captioner
 
 pytestmark = pytest.mark.slow
 
 EXAMPLE = ROOT / "examples" / "cat.jpg"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, captioning_model, tiny_tokenizer):
-    model_path = tmp_path_factory.mktemp("model") / "captioner.pt"
-    save_captioner(model_path, captioning_model, tiny_tokenizer, {"trained_on": "test fixture"})
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-    }
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--model", str(model_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app exited: {process.stdout.read()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app did not start within 90 s")
-    yield url, process
-    process.terminate()
-    process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def client(app_server):
     from gradio_client import Client
 
-    return Client(server[0], verbose=False)
+    return Client(app_server, verbose=False)
 
 
 def test_caption_endpoint_returns_a_caption_then_details(client):

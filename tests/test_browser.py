@@ -1,0 +1,53 @@
+"""The page in a real browser: headless Chromium opens the app, uploads a photo, presses Caption, reads the caption.
+
+SCREENSHOT=docs/screenshot.png python -m pytest tests/test_browser.py   # also refreshes the README's screenshot
+"""
+
+import os
+import shutil
+
+import pytest
+from conftest import ROOT, start_app, stop_app
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHIPPED_MODEL = ROOT / "captioner.pt"
+# Without these, Chromium keeps trying to reach Google's servers, which this network refuses.
+QUIET_CHROMIUM = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def page_url(app_server):
+    """The shipped model where it exists (so the screenshot shows a real caption), else the tiny test model."""
+    if not SHIPPED_MODEL.exists():
+        yield app_server, False
+        return
+    url, process = start_app(SHIPPED_MODEL)
+    yield url, True
+    stop_app(process)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
+def test_uploading_a_photo_and_pressing_caption_shows_the_caption(page_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, shipped = page_url
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=QUIET_CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.locator("input[type=file]").first.set_input_files(str(ROOT / "examples" / "cat.jpg"))
+        page.locator("#caption-button").click()
+        caption = page.locator("#caption-text textarea")
+        expect(caption).not_to_have_value("", timeout=60_000)
+        text = caption.input_value()
+        assert text.strip()
+        if shipped:
+            assert "cat" in text.lower() or "kitten" in text.lower(), text
+        page.wait_for_timeout(500)  # let the attention image paint
+        page.screenshot(path=os.environ.get("SCREENSHOT", str(tmp_path / "screenshot.png")), full_page=True)
+        browser.close()

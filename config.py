@@ -240,6 +240,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     flip: bool = True  # mirror training images at random (never those whose captions say left or right)
     max_caption_tokens: int = 40  # longer training captions are cut
+    eval_every: int = 1  # epochs between validations (0: never; the last epoch is always validated otherwise)
     eval_images: int = 0  # validation images captioned for metrics each epoch (0: all)
     eval_beams: int = 3
     log_every: int = 20  # optimizer steps between log lines
@@ -252,7 +253,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "captions_per_image", "grad_accum", "max_caption_tokens", "eval_beams"):
             _require_positive_int(name, getattr(self, name))
-        for name in ("vocab_size", "unfreeze_blocks", "unfreeze_epoch", "max_steps", "warmup_steps", "eval_images"):
+        for name in (
+            "vocab_size",
+            "unfreeze_blocks",
+            "unfreeze_epoch",
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "eval_images",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
         for name in ("log_every", "checkpoint_every", "workers"):

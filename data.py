@@ -187,7 +187,6 @@ class FeatureCache:
         self.frozen_blocks = frozen_blocks
         self.transform = ImageTransform.for_model(model.config)
         self.directory = Path(root) / self._key()
-        self.skipped: list[Path] = []
         self._hashes: dict[Path, str] = {}  # image path -> hash of its bytes, filled by `fill`
 
     def _key(self) -> str:
@@ -212,7 +211,6 @@ class FeatureCache:
         for index, item in enumerate(tqdm(items, desc="hashing images", unit="img", leave=False)):
             data = read_image_file(item.image)
             if data is None:
-                self.skipped.append(item.image)
                 continue
             image_hash = hashlib.sha256(data).hexdigest()
             self._hashes[item.image] = image_hash
@@ -228,7 +226,6 @@ class FeatureCache:
                     batch.append((index, load_image(data), image_hash))
                 except ImageError as error:
                     logger.warning("skipping %s: %s", items[index].image, error)
-                    self.skipped.append(items[index].image)
             if batch:
                 pictures = [picture for _, picture, _ in batch]
                 variants = {"tokens": self.transform(pictures)}
@@ -244,8 +241,6 @@ class FeatureCache:
                     usable.append(index)
             progress.update(len(pending[start : start + batch_size]))
         progress.close()
-        if self.skipped:
-            logger.warning("%d unreadable image(s) skipped, e.g. %s", len(self.skipped), self.skipped[0])
         return sorted(usable)
 
     def _frozen_tokens(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from captioner import Captioner, EncodedImages
 from checkpoint import CheckpointError, checkpoint_dict, load_captioner, load_torch, save_torch
 from config import PRESETS, DecodeConfig, TrainConfig, add_arguments, from_arguments
 from data import CaptionedImage, DataError, FeatureCache, load_captions
-from evaluate import JavaMissingError, distinct_ratio, format_metrics, score_captions
+from evaluate import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
 from images import ImageError, ImageTransform, load_image
 from model import CaptionModel
 from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_tokenizer
@@ -115,43 +115,49 @@ class CaptionLoss(nn.Module):
 
 
 class ImageSource:
-    """Encoder inputs for images by index: cached tokens after the frozen blocks, or pixels read from disk."""
+    """Encoder inputs for images by index: cached tokens after the frozen blocks, or pixels read from disk.
+
+    Unreadable images are found before training starts (by the cache fill, or by one decoding pass), logged with a
+    count, and left out, so an epoch never stops on a bad file.
+    """
 
     def __init__(self, items: list[CaptionedImage], model: CaptionModel, config: TrainConfig, frozen: int):
-        self.items = items
         self.start_block = 0
-        self.skipped = 0
         self.transform = ImageTransform.for_model(model.config)
         self.pool = ThreadPoolExecutor(config.workers)
         self.tokens = self.flipped = None
         if config.cache_dir and frozen > 0:
             cache = FeatureCache(os.path.expanduser(config.cache_dir), model, frozen)
             usable = cache.fill(items, flips=config.flip)
-            self.skipped = len(items) - len(usable)
             self.items = [items[index] for index in usable]
             self.tokens = cache.load(self.items)
             self.flipped = cache.load(self.items, "flipped") if config.flip else None
             self.start_block = frozen
+        else:
+            readable = list(self.pool.map(_readable, [item.image for item in items]))
+            self.items = [item for item, ok in zip(items, readable, strict=True) if ok]
+        self.skipped = len(items) - len(self.items)
+        if self.skipped:
+            logger.warning("%d of %d images unreadable and left out (see the warnings above)", self.skipped, len(items))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def get(self, indices: Sequence[int], flips: Sequence[bool], device: torch.device) -> Tensor | None:
+    def get(self, indices: Sequence[int], flips: Sequence[bool], device: torch.device) -> Tensor:
         if self.tokens is not None:
             rows = [(self.flipped if flip else self.tokens)[index] for index, flip in zip(indices, flips, strict=True)]
             return torch.stack(rows).to(device, torch.float32)
-        pictures = list(self.pool.map(_load_or_none, [self.items[index].image for index in indices]))
-        if any(picture is None for picture in pictures):
-            return None  # the caller skips the batch; _load_or_none logged the image
+        pictures = list(self.pool.map(load_image, [self.items[index].image for index in indices]))
         return self.transform(pictures, flip=list(flips)).to(device)
 
 
-def _load_or_none(path: Path):
+def _readable(path: Path) -> bool:
     try:
-        return load_image(path)
+        load_image(path)
+        return True
     except ImageError as error:
         logger.warning("skipping unreadable image: %s", error)
-        return None
+        return False
 
 
 # ---- building, resuming, checkpoints ----
@@ -287,6 +293,8 @@ def train(config: TrainConfig) -> dict:
     rank, world, device = setup_distributed(config)
     out_dir = Path(config.out_dir)
     is_main = rank == 0
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, from rank 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(out_dir / "train.log")
@@ -343,9 +351,8 @@ def train(config: TrainConfig) -> dict:
     steps_per_epoch = len(train_images) // images_per_step
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_images)} training images is fewer than one step's {images_per_step}")
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = steps_per_epoch * config.epochs  # the learning-rate schedule's length
+    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
     step = 0
     history: list[dict] = []
     best_cider = -1.0
@@ -373,7 +380,7 @@ def train(config: TrainConfig) -> dict:
     wrapped = None
     epoch_started, step_times, running_loss = time.perf_counter(), [], []
     progress = None
-    while step < total_steps:
+    while step < stop_step:
         epoch, position = divmod(step, steps_per_epoch)
         encoder_training = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
         if wrapped is None or wrapped.encoder_training != encoder_training:
@@ -396,8 +403,6 @@ def train(config: TrainConfig) -> dict:
                 start = int(torch.randint(len(choices), (1,), generator=step_random))
                 captions += [choices[(start + k) % len(choices)] for k in range(config.captions_per_image)]
             images = train_images.get(indices, flips, device)
-            if images is None:
-                continue
             input_ids, labels = caption_targets(captions, tokenizer, max_tokens)
             sync = micro == config.grad_accum - 1 or world == 1
             with (
@@ -427,21 +432,23 @@ def train(config: TrainConfig) -> dict:
             )  # fmt: skip
             step_times, running_loss = [], []
         epoch_done = step % steps_per_epoch == 0
-        if is_main and (step % config.checkpoint_every == 0 or (step == total_steps and not epoch_done)):
+        if is_main and (step % config.checkpoint_every == 0 or (step == stop_step and not epoch_done)):
             save(last_path, history[-1] if history else {})
         if epoch_done:
             progress.close()
             progress = None
             epoch_seconds = time.perf_counter() - epoch_started
             metrics = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(epoch_seconds, 1)}
+            last_epoch = step == total_steps
             if is_main:
-                metrics |= validate(model, tokenizer, val_images, config, max_tokens, device, dtype)
+                if config.eval_every and ((epoch + 1) % config.eval_every == 0 or last_epoch):
+                    metrics |= validate(model, tokenizer, val_images, config, max_tokens, device, dtype)
+                    if metrics.get("CIDEr", -metrics["val_loss"]) > best_cider:
+                        best_cider = metrics.get("CIDEr", -metrics["val_loss"])
+                        save(best_path, metrics)
                 history.append(metrics)
                 logger.info("epoch %d done in %.0f s: %s", epoch + 1, epoch_seconds, metrics)
                 _append_csv(out_dir / "metrics.csv", metrics)
-                if metrics.get("CIDEr", -metrics["val_loss"]) > best_cider:
-                    best_cider = metrics.get("CIDEr", -metrics["val_loss"])
-                    save(best_path, metrics)
                 save(last_path, metrics)
             model.train()
             if world > 1:
@@ -487,8 +494,6 @@ def validate(
     for start in range(0, len(images), config.batch_size):
         indices = list(range(start, min(start + config.batch_size, len(images))))
         batch = images.get(indices, [False] * len(indices), device)
-        if batch is None:
-            continue
         captions = [tokenizer.encode(c) for index in indices for c in images.items[index].captions]
         per_image = torch.tensor([len(images.items[index].captions) for index in indices], device=device)
         input_ids, labels = caption_targets(captions, tokenizer, max_tokens)
@@ -522,10 +527,13 @@ def validate(
     return metrics
 
 
+CSV_COLUMNS = ("epoch", "step", "epoch_seconds", "val_loss", "distinct", *METRICS)
+
+
 def _append_csv(path: Path, metrics: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(metrics))
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS, restval="", extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(metrics)

@@ -1,0 +1,165 @@
+"""train.py end to end on real photos: it learns, it resumes exactly after kill -9, it runs under torchrun."""
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train
+from captioner import Captioner
+from checkpoint import CheckpointError, load_captioner
+from config import DecodeConfig, TrainConfig
+from tokenizer import train_caption_tokenizer
+
+# Short: the tiny preset holds 24 positions, and a tokenizer trained on four captions merges few characters.
+CAPTIONS = {
+    "astronaut.jpg": "an astronaut",
+    "cat.jpg": "a cat with green eyes",
+    "coffee.jpg": "a cup of coffee",
+    "rocket.jpg": "a rocket at night",
+}
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """The example photos with made-up captions, as a folder of images with .txt files (train = val)."""
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for name, caption in CAPTIONS.items():
+            shutil.copy(ROOT / "examples" / name, tmp_path / "data" / split / name)
+            (tmp_path / "data" / split / name).with_suffix(".txt").write_text(caption + "\n")
+    return tmp_path / "data"
+
+
+def _config(tmp_path, data, **changes) -> TrainConfig:
+    base = TrainConfig(
+        data=str(data), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, unfreeze_blocks=2, epochs=3,
+        batch_size=2, captions_per_image=1, lr=3e-3, min_lr=3e-4, warmup_steps=2, label_smoothing=0.0, flip=False,
+        eval_every=0, log_every=1, checkpoint_every=1000, precision="fp32", cache_dir=str(tmp_path / "cache"),
+        workers=1,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
+    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert train.lr_at(0, config, 110) == pytest.approx(1e-4)
+    assert train.lr_at(9, config, 110) == pytest.approx(1e-3)
+    assert train.lr_at(60, config, 110) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert train.lr_at(110, config, 110) == pytest.approx(1e-4)
+
+
+def test_caption_targets_shift_once_keep_eos_and_mask_padding():
+    tokenizer = train_caption_tokenizer(list(CAPTIONS.values()), vocab_size=280)
+    bos = eos = tokenizer.eos_token_id
+    input_ids, labels = train.caption_targets([[5, 6, 7], [8]], tokenizer, max_tokens=10)
+    assert input_ids.tolist() == [[bos, 5, 6, 7], [bos, 8, eos, eos]]
+    assert labels.tolist() == [[5, 6, 7, eos], [8, eos, -100, -100]]
+    cut_inputs, cut_labels = train.caption_targets([[5, 6, 7]], tokenizer, max_tokens=2)
+    assert cut_inputs.tolist() == [[bos, 5, 6]] and cut_labels.tolist() == [[5, 6, eos]]
+
+
+@pytest.mark.slow
+def test_a_tiny_model_overfits_real_photos_and_then_reproduces_their_captions(tmp_path, photos):
+    config = _config(tmp_path, photos, batch_size=4, epochs=200, dropout=0.0, lr=3e-3, min_lr=3e-3, unfreeze_blocks=0)
+    metrics = train.train(config)
+    assert metrics["epoch"] == 200
+    captioner = Captioner(*load_captioner(tmp_path / "run" / "last.pt")[:2], device="cpu")
+    images = [photos / "train" / name for name in CAPTIONS]
+    captions = captioner.caption(images, DecodeConfig(strategy="greedy", max_new_tokens=20))
+    assert [caption.text for caption in captions] == list(CAPTIONS.values())
+    assert min(caption.confidence for caption in captions) > 0.95  # mean token loss below 0.05
+
+
+def _flags(config: TrainConfig) -> list[str]:
+    flags = []
+    for name, value in dataclasses.asdict(config).items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            flags.append(f"--{flag}={value}")
+    return flags
+
+
+def _weights(path):
+    return load_captioner(path)[0].state_dict()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos):
+    steps = 12  # 2 steps per epoch, 6 epochs; dropout on, so the random state must be restored too
+    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1)
+    train.train(straight)
+
+    interrupted = dataclasses.replace(straight, out_dir=str(tmp_path / "interrupted"), checkpoint_every=1)
+    command = [sys.executable, str(ROOT / "train.py"), *_flags(interrupted)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "interrupted" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, weights_only=True)["training"]["step"]
+    assert 1 <= killed_at < steps, "the run should have been killed part-way"
+
+    train.train(dataclasses.replace(interrupted, resume=True))
+    resumed = torch.load(last, weights_only=True)["training"]["step"]
+    assert resumed == steps
+    expected, actual = _weights(tmp_path / "straight" / "last.pt"), _weights(last)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, photos):
+    config = _config(tmp_path, photos, epochs=1)
+    train.train(config)
+    with pytest.raises(CheckpointError, match=r"different configuration: batch_size \(2 there, 4 now\)"):
+        train.train(dataclasses.replace(config, resume=True, batch_size=4))
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        train.train(config)
+
+
+def test_bad_images_are_skipped_with_a_count_and_empty_data_is_an_error(tmp_path, photos, caplog):
+    (photos / "train" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "train" / "broken.txt").write_text("a broken photo\n")
+    config = _config(tmp_path, photos, epochs=1, cache_dir="")  # the path that reads images every step
+    with caplog.at_level("WARNING"):
+        train.train(config)
+    assert "1 of 5 images unreadable and left out" in caplog.text
+    for path in (photos / "val").iterdir():
+        path.unlink()
+    with pytest.raises(train.DataError, match="no 'val' split"):
+        train.train(dataclasses.replace(config, out_dir=str(tmp_path / "other")))
+
+
+def test_command_line_reports_bad_flags_in_one_line(tmp_path, photos, caplog):
+    assert train.main(["--data", str(photos), "--out-dir", str(tmp_path / "x"), "--lr", "nan"]) == 2
+    assert "error: lr must be in [1e-8, 1], got nan" in caplog.text
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, photos):
+    out_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(ROOT / "train.py"), f"--data={photos}", f"--out-dir={out_dir}", "--preset=tiny", "--vocab-size=300",
+        "--batch-size=1", "--captions-per-image=1", "--epochs=1", "--eval-every=0", "--precision=fp32",
+        f"--cache-dir={tmp_path / 'cache'}", "--workers=1", "--unfreeze-blocks=2",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["last.pt", "metrics.csv", "train.log"]
+    saved = torch.load(out_dir / "last.pt", weights_only=True)
+    assert saved["training"]["step"] == 2  # 4 images / (1 per process x 2 processes)
+    assert (out_dir / "train.log").read_text().count("config: TrainConfig") == 1  # rank 0 alone logs to the file

@@ -193,9 +193,9 @@ class Captioner:
         with torch.inference_mode():
             self.model.decode(inputs, image_tokens, record=record)
         weights = torch.stack(record).mean(dim=(0, 2))[0]  # (L, 1, nh, T, N) -> (T, N): token t predicts ids[t]
-        vit = self.model.encoder.vit
-        patches = weights[:, vit.num_prefix_tokens :]  # drop the class/register tokens
-        grid_h, grid_w = vit.patch_embed.grid_size
+        bridge = self.model.bridge
+        patches = weights[:, bridge.prefix_tokens :]  # drop the class/register tokens
+        grid_h, grid_w = bridge.output_grid
         patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
         words, groups = _words(self.tokenizer, ids)
         maps = torch.stack([patches[group].mean(0) for group in groups]).view(len(groups), grid_h, grid_w)

@@ -39,9 +39,9 @@ class ModelConfig:
 
     encoder: str = "vit_small_patch14_dinov2"  # any timm VisionTransformer name
     image_size: int = 224
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 512
+    n_layer: int = 4
+    n_head: int = 6
+    n_embd: int = 384
     vocab_size: int = 4096
     n_positions: int = 64  # the longest token sequence the decoder sees, BOS included
     dropout: float = 0.1
@@ -49,10 +49,11 @@ class ModelConfig:
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
     image_interpolation: str | None = None  # a PIL resampling filter name: "bicubic", "bilinear", ...
+    image_pool: int = 1  # the decoder sees the patch grid average-pooled by this factor (class tokens kept)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder, "a timm model name")
-        for name in ("image_size", "n_layer", "n_head", "n_embd", "vocab_size"):
+        for name in ("image_size", "n_layer", "n_head", "n_embd", "vocab_size", "image_pool"):
             _require_positive_int(name, getattr(self, name))
         _require_positive_int("n_positions", self.n_positions)
         _require(self.n_positions >= 2, "n_positions", self.n_positions, "at least 2 (BOS and one token)")
@@ -99,8 +100,9 @@ PRESETS: dict[str, ModelConfig] = {
         n_positions=24,
         dropout=0.0,
     ),
-    # The shipped default: DINOv2 ViT-S/14 at 224 px (257 image tokens) and a caption-sized decoder.
-    "small": ModelConfig(),
+    # The shipped default: DINOv2 ViT-S/14 at 224 px; its 16x16 patch grid pooled to 8x8 (+ class token = 65
+    # image tokens) for a caption-sized decoder.
+    "small": ModelConfig(image_pool=2),
     # The classic design: ViT-B/16 and GPT-2 124M, for users who can download both from the hub.
     "vit-gpt2": ModelConfig(
         encoder="vit_base_patch16_224",
@@ -225,6 +227,8 @@ class TrainConfig:
     unfreeze_epoch: int = 0  # epoch from which they are trained (the decoder trains alone before)
     encoder_lr_scale: float = 0.1  # encoder learning rate = lr * this
     cache_dir: str = "~/.cache/image-captioner/features"  # frozen encoder blocks' tokens ("": no cache)
+    cache_blocks: int | None = None  # blocks before the cache point (None: every frozen block); fewer lets a
+    # cache made for more trainable blocks serve a run that trains fewer
     epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs)
     batch_size: int = 32  # images per micro-batch per process
@@ -277,3 +281,10 @@ class TrainConfig:
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", self.precision, "auto/fp32/bf16/fp16")
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
+        if self.cache_blocks is not None:
+            _require(
+                isinstance(self.cache_blocks, int) and self.cache_blocks >= 1,
+                "cache_blocks",
+                self.cache_blocks,
+                "at least 1",
+            )

@@ -86,14 +86,29 @@ class ImageEncoder(nn.Module):
 
 
 class Bridge(nn.Module):
-    """Normalises the image tokens and projects them to the decoder width."""
+    """Pools the patch grid (optional), normalises the image tokens and projects them to the decoder width."""
 
-    def __init__(self, image_width: int, config: ModelConfig):
+    def __init__(self, encoder: ImageEncoder, config: ModelConfig):
         super().__init__()
-        self.ln = nn.LayerNorm(image_width, eps=config.layer_norm_epsilon)
-        self.proj = nn.Linear(image_width, config.n_embd)
+        self.prefix_tokens = encoder.vit.num_prefix_tokens  # class/register tokens, kept as they are
+        self.grid = tuple(encoder.vit.patch_embed.grid_size)
+        self.pool = config.image_pool
+        if self.grid[0] % self.pool or self.grid[1] % self.pool:
+            raise ValueError(f"image_pool={self.pool} does not divide the {self.grid[0]}x{self.grid[1]} patch grid")
+        self.ln = nn.LayerNorm(encoder.width, eps=config.layer_norm_epsilon)
+        self.proj = nn.Linear(encoder.width, config.n_embd)
+
+    @property
+    def output_grid(self) -> tuple[int, int]:
+        return self.grid[0] // self.pool, self.grid[1] // self.pool
 
     def forward(self, image_tokens: Tensor) -> Tensor:
+        if self.pool > 1:
+            prefix, patches = image_tokens[:, : self.prefix_tokens], image_tokens[:, self.prefix_tokens :]
+            batch, _, width = patches.shape
+            grid = patches.transpose(1, 2).reshape(batch, width, *self.grid)  # (B, C, gh, gw)
+            pooled = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (B, gh * gw / pool², C)
+            image_tokens = torch.cat([prefix, pooled], dim=1)
         return self.proj(self.ln(image_tokens))
 
 
@@ -321,7 +336,7 @@ class CaptionModel(nn.Module):
             image_std=config.image_std or tuple(data["std"]),
             image_interpolation=config.image_interpolation or data["interpolation"],
         )
-        self.bridge = Bridge(self.encoder.width, self.config)
+        self.bridge = Bridge(self.encoder, self.config)
         self.decoder = TextDecoder(self.config)
         self.bridge.apply(self._init_weights)
         self.decoder.apply(self._init_weights)

@@ -49,7 +49,8 @@ IGNORE_INDEX = -100
 # Changing these between a run and its resumption would silently change what is being trained.
 RESUME_MUST_MATCH = (
     "data", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd", "dropout",
-    "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "batch_size", "captions_per_image", "grad_accum",
+    "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size", "captions_per_image",
+    "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
     "max_caption_tokens", "seed",
 )  # fmt: skip
@@ -126,13 +127,16 @@ class ImageSource:
         self.transform = ImageTransform.for_model(model.config)
         self.pool = ThreadPoolExecutor(config.workers)
         self.tokens = self.flipped = None
-        if config.cache_dir and frozen > 0:
-            cache = FeatureCache(os.path.expanduser(config.cache_dir), model, frozen)
+        cached = frozen if config.cache_blocks is None else config.cache_blocks
+        if cached > frozen:
+            raise ValueError(f"cache_blocks={cached} exceeds the {frozen} frozen encoder blocks")
+        if config.cache_dir and cached > 0:
+            cache = FeatureCache(os.path.expanduser(config.cache_dir), model, cached)
             usable = cache.fill(items, flips=config.flip)
             self.items = [items[index] for index in usable]
             self.tokens = cache.load(self.items)
             self.flipped = cache.load(self.items, "flipped") if config.flip else None
-            self.start_block = frozen
+            self.start_block = cached
         else:
             readable = list(self.pool.map(_readable, [item.image for item in items]))
             self.items = [item for item, ok in zip(items, readable, strict=True) if ok]
@@ -366,7 +370,9 @@ def train(config: TrainConfig) -> dict:
     logger.info(
         "%d train images (%d skipped), %d val images, %d steps per epoch, %d steps, precision %s, %s",
         len(train_images), train_images.skipped, len(val_images), steps_per_epoch, total_steps, dtype or "fp32",
-        f"cached encoder tokens after block {frozen}" if train_images.start_block else "images read every step",
+        f"cached encoder tokens after block {train_images.start_block}"
+        if train_images.start_block
+        else "images read every step",
     )  # fmt: skip
 
     def save(path: Path, metrics: dict) -> None:

@@ -92,8 +92,7 @@ def test_alternatives_and_attention_maps(captioner):
     [caption] = captioner.caption([_photo(8)], config, attention=True)
     assert len(caption.alternatives) == 2
     assert caption.score >= caption.alternatives[0].score >= caption.alternatives[1].score
-    vit = captioner.model.encoder.vit
-    assert caption.attention.shape == (len(caption.words), *vit.patch_embed.grid_size)
+    assert caption.attention.shape == (len(caption.words), *captioner.model.bridge.output_grid)
     np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-4)
     assert " ".join(caption.words) == caption.text
 

@@ -110,6 +110,21 @@ def test_encode_from_block_equals_encode(tiny_model):
         torch.testing.assert_close(tiny_model.encode_from_block(hidden, 7), tiny_model.encode(pixels))
 
 
+def test_bridge_average_pools_the_patch_grid_and_keeps_the_class_token():
+    model = CaptionModel(dataclasses.replace(PRESETS["tiny"], image_size=64, image_pool=2)).eval()
+    tokens = torch.randn(2, 1 + 16, 192)  # class token + a 4x4 grid
+    grid = tokens[:, 1:].reshape(2, 4, 4, 192)
+    expected = [tokens[:, 0]] + [
+        grid[:, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].mean(dim=(1, 2)) for row in range(2) for col in range(2)
+    ]
+    bridge = model.bridge
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens), bridge.proj(bridge.ln(torch.stack(expected, dim=1))))
+    assert bridge.output_grid == (2, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        CaptionModel(dataclasses.replace(PRESETS["tiny"], image_size=48, image_pool=2))
+
+
 def test_non_vit_encoder_is_refused():
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         ImageEncoder("resnet18", 32)

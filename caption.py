@@ -10,6 +10,7 @@ overwritten without --overwrite (an --output file, or existing sidecar .txt file
 
 import argparse
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from captioner import Captioner
 from checkpoint import CheckpointError, atomic_write
-from config import DecodeConfig, add_arguments, from_arguments
+from config import DecodeConfig, add_arguments, given_arguments
 from images import IMAGE_SUFFIXES, ImageError
 
 FORMATS = ("text", "jsonl", "csv")
@@ -83,15 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or sidecar files")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    add_arguments(parser, DecodeConfig)
+    add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
     arguments = parser.parse_args(argv)
 
     if arguments.output and arguments.output.exists() and not arguments.overwrite:
         parser.error(f"{arguments.output} exists; pass --overwrite to replace it")
     if arguments.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    options = given_arguments(DecodeConfig, arguments)
     try:
-        config = from_arguments(DecodeConfig, arguments)
+        DecodeConfig(**options)  # bad flags fail before the model loads
     except ValueError as error:
         parser.error(str(error))
     paths, missing = expand_paths(arguments.paths)
@@ -106,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = [path for path in paths if path not in set(existing)]
     try:
         captioner = Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision)
-    except (CheckpointError, OSError) as error:
+        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
+    except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -24,14 +24,14 @@ from PIL import Image
 from torch import Tensor
 
 import decoding
-from checkpoint import CheckpointError, load_captioner
+import hub
+from checkpoint import load_captioner
 from config import DecodeConfig
 from images import ImageError, ImageSource, ImageTransform, load_image
 from model import CaptionModel
 from tokenizer import CaptionTokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "captioner.pt"
-HUB_FILENAME = "captioner.pt"
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Captioner:
         """
         path = Path(source) if source is not None else DEFAULT_MODEL
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
-            path = _download_from_hub(str(source), revision)
+            path = hub.download(str(source), revision)
         model, tokenizer, metadata = load_captioner(path)
         return cls(model, tokenizer, metadata, device=device)
 
@@ -106,11 +106,12 @@ class Captioner:
 
         Args:
             images: paths, bytes, PIL images or arrays (see `images.load_image`), or `encode`'s result.
-            config: decoding options; keyword `options` override its fields (e.g. ``num_beams=5``).
+            config: decoding options (default: the model's recommended ones, `default_config`); keyword `options`
+                override its fields (e.g. ``num_beams=5``).
             attention: also return, for each word, the cross-attention over the image patches.
             generator: randomness for sampling; by default seeded from `config.seed` when set.
         """
-        config = self.check(dataclasses.replace(config or DecodeConfig(), **options))
+        config = self.check(dataclasses.replace(config or self.default_config(), **options))
         encoded = images if isinstance(images, EncodedImages) else self.encode(images)
         prefix_ids = self._prefix_ids(config)
         if generator is None and config.seed is not None:
@@ -136,8 +137,11 @@ class Captioner:
         return captions
 
     def default_config(self) -> DecodeConfig:
-        """The decoding the model's card recommends (saved with it), else `DecodeConfig`'s defaults."""
-        return DecodeConfig(**self.metadata.get("decoding", {}))
+        """The decoding the model's card recommends (saved with it), else `DecodeConfig`'s defaults, with
+        max_new_tokens capped at what the model can hold."""
+        config = DecodeConfig(**self.metadata.get("decoding", {}))
+        room = self.model.config.n_positions - 1
+        return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, room))
 
     def _prefix_ids(self, config: DecodeConfig) -> list[int]:
         return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
@@ -219,18 +223,6 @@ def _words(tokenizer: CaptionTokenizer, ids: list[int]) -> tuple[list[str], list
 def _looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.endswith((".pt", ".safetensors"))
-
-
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo_id, HUB_FILENAME, revision=revision))
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        raise CheckpointError(
-            f"{repo_id}: cannot download {HUB_FILENAME} from the Hugging Face Hub ({error})"
-        ) from error
 
 
 class BatchingCaptioner:

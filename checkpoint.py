@@ -117,6 +117,15 @@ def save_captioner(
     save_torch(contents, path)
 
 
+def update_metadata(path: str | os.PathLike, updates: dict) -> None:
+    """Merge `updates` into a `.pt` model file's metadata, atomically; weights and everything else unchanged."""
+    contents = load_torch(path)
+    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
+        raise CheckpointError(f"{os.fspath(path)}: not a captioner model file (no '{FORMAT}' format marker)")
+    contents["metadata"] = {**(contents.get("metadata") or {}), **updates}
+    save_torch(contents, path)
+
+
 def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, dict]:
     """Model (in eval mode, float32, on CPU), tokenizer and metadata from a `.pt` file or a safetensors folder."""
     name = os.fspath(path)

@@ -7,6 +7,7 @@ METEOR and the PTB tokenizer run on Java; SPICE is left out (it needs downloads 
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,9 +22,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from tqdm import tqdm
 
-from captioner import Captioner
-from checkpoint import CheckpointError
-from config import DecodeConfig, add_arguments, from_arguments
+from captioner import DEFAULT_MODEL, Captioner
+from checkpoint import CheckpointError, update_metadata
+from config import DecodeConfig, add_arguments, given_arguments
 from data import DataError, load_split
 from images import ImageError
 
@@ -81,17 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
     parser.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
     parser.add_argument("--device", default=None)
-    add_arguments(parser, DecodeConfig)
+    parser.add_argument(
+        "--save-metrics", action="store_true", help="record the scores in the model file's metadata (its card)"
+    )
+    add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
         require_java()
-        config = from_arguments(DecodeConfig, arguments)
+        options = given_arguments(DecodeConfig, arguments)
+        DecodeConfig(**options)  # bad flags fail before the model loads
         items = load_split(arguments.data, arguments.split)
         if arguments.limit:
             items = items[: arguments.limit]
         captioner = Captioner.load(arguments.model, device=arguments.device)
+        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -109,6 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_metrics(scores))
     texts = list(candidates.values())
     print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
+    if arguments.save_metrics:
+        update_metadata(
+            arguments.model or DEFAULT_MODEL,
+            {
+                "metrics": {name: round(value, 4) for name, value in scores.items()},
+                "metrics_split": arguments.split,
+                "metrics_images": len(texts),
+                "distinct_captions": round(distinct_ratio(texts), 4),
+                "metrics_command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            },
+        )
     if arguments.output:
         with open(arguments.output, "w", encoding="utf-8") as file:
             for key, text in candidates.items():

@@ -1,0 +1,121 @@
+"""Sharing a model: a release file from a training checkpoint, and the Hugging Face Hub.
+
+    python hub.py release runs/small/best.pt captioner.pt --decoding '{"num_beams": 3}'
+    python hub.py push captioner.pt user/image-captioner          # needs `huggingface-cli login` or HF_TOKEN
+
+`Captioner.load("user/image-captioner", revision=...)` downloads what `push` uploads.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from checkpoint import CheckpointError, load_captioner, save_captioner
+from config import DecodeConfig
+
+HUB_FILENAME = "captioner.pt"
+
+
+def release(source: str | os.PathLike, destination: str | os.PathLike, metadata: dict | None = None) -> dict:
+    """A shippable model file: float16 weights, no optimizer or training state, metadata merged in."""
+    model, tokenizer, saved = load_captioner(source)
+    merged = {**saved, **(metadata or {})}
+    if "decoding" in merged:
+        DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour
+    save_captioner(destination, model, tokenizer, merged, half=True)
+    return merged
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The model file of a Hub repository (cached; `revision` pins a branch, tag or commit)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, HUB_FILENAME, revision=revision))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{repo_id}: cannot get {HUB_FILENAME} from the Hugging Face Hub ({detail})") from error
+
+
+def model_card(metadata: dict, repo_id: str) -> str:
+    """README.md for the Hub repository, from the model file's metadata."""
+    metrics = metadata.get("metrics") or {}
+    rows = "\n".join(f"| {name} | {value:.3f} |" for name, value in metrics.items() if isinstance(value, float))
+    split = metadata.get("metrics_split", "test")
+    return f"""---
+license: mit
+library_name: pytorch
+pipeline_tag: image-to-text
+tags: [image-captioning, vit, gpt2]
+---
+
+# {repo_id.split("/")[-1]}
+
+A small image captioner: a timm Vision Transformer encoder feeding a GPT-2 decoder with cross-attention in every
+layer. Load it with this repository's code: `Captioner.load("{repo_id}")`.
+
+- Trained on: {metadata.get("trained_on", "unknown")}
+- Training command: `{metadata.get("training_command", "unknown")}`
+- Default decoding: `{json.dumps(metadata.get("decoding", {}))}`
+
+| metric ({split} split) | score |
+| --- | --- |
+{rows or "| (none recorded) | |"}
+
+{metadata.get("limitations", "")}
+"""
+
+
+def push(model_path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
+    """Upload the model file and a generated model card; returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    _, _, metadata = load_captioner(model_path)  # refuse to publish a file that does not load
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as directory:
+        card = Path(directory, "README.md")
+        card.write_text(model_card(metadata, repo_id), encoding="utf-8")
+        api.upload_file(
+            path_or_fileobj=os.fspath(model_path), path_in_repo=HUB_FILENAME, repo_id=repo_id, revision=revision
+        )
+        api.upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=repo_id, revision=revision)
+    return str(url)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("release", help="make a shippable model file from a training checkpoint")
+    make.add_argument("source")
+    make.add_argument("destination")
+    make.add_argument("--decoding", type=json.loads, default=None, help="recommended decoding options (JSON)")
+    make.add_argument("--metadata", type=json.loads, default=None, help="more metadata to record (JSON object)")
+    upload = commands.add_parser("push", help="upload a model file and a model card to the Hugging Face Hub")
+    upload.add_argument("model")
+    upload.add_argument("repo_id")
+    upload.add_argument("--private", action="store_true")
+    upload.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "release":
+            extra = dict(arguments.metadata or {})
+            if arguments.decoding is not None:
+                extra["decoding"] = arguments.decoding
+            release(arguments.source, arguments.destination, extra)
+            print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
+        else:
+            print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))
+    except (CheckpointError, ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Release files, and the Hugging Face Hub paths, tested offline: a prepared local cache, a recording HfApi."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import hub
+from checkpoint import CheckpointError, checkpoint_dict, load_captioner, save_torch
+
+
+def test_release_drops_training_state_halves_weights_and_checks_the_recommended_decoding(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    contents = checkpoint_dict(tiny_model, tiny_tokenizer, {"trained_on": "fixture"})
+    contents["training"] = {"optimizer": {"state": {}, "param_groups": []}, "step": 7}
+    save_torch(contents, tmp_path / "best.pt")
+    hub.release(tmp_path / "best.pt", tmp_path / "captioner.pt", {"decoding": {"num_beams": 4}})
+    released = torch.load(tmp_path / "captioner.pt", weights_only=True)
+    assert "training" not in released
+    assert released["state_dict"]["decoder.wte.weight"].dtype == torch.float16
+    assert released["metadata"] == {"trained_on": "fixture", "decoding": {"num_beams": 4}}
+    with pytest.raises(ValueError, match="num_beams"):
+        hub.release(tmp_path / "best.pt", tmp_path / "other.pt", {"decoding": {"num_beams": 0}})
+    assert not (tmp_path / "other.pt").exists()
+
+
+def _cache_with(tmp_path, model_file) -> tuple[str, str]:
+    """A Hugging Face cache holding user/captioner at one commit, as hf_hub_download leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub-cache" / "models--user--captioner"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / hub.HUB_FILENAME).write_bytes(model_file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return str(tmp_path / "hub-cache"), commit
+
+
+def test_captioner_loads_a_hub_repo_id_from_the_cache_offline_with_a_pinned_revision(
+    tmp_path, captioning_model, tiny_tokenizer
+):
+    from checkpoint import save_captioner
+
+    save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {"trained_on": "hub fixture"})
+    cache, commit = _cache_with(tmp_path, tmp_path / "captioner.pt")
+    script = f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+from captioner import Captioner
+from checkpoint import CheckpointError
+for revision in (None, {commit!r}):
+    captioner = Captioner.load("user/captioner", device="cpu", revision=revision)
+    print(captioner.metadata["trained_on"])
+try:
+    Captioner.load("user/missing", device="cpu")
+except CheckpointError as error:
+    print("error:", error)
+"""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[:2] == ["hub fixture", "hub fixture"]
+    assert lines[2].startswith("error: user/missing: cannot get captioner.pt from the Hugging Face Hub")
+
+
+def test_push_uploads_the_model_and_a_generated_card(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from checkpoint import save_captioner
+
+    metadata = {"trained_on": "Flickr8k", "metrics": {"CIDEr": 0.61, "BLEU-4": 0.22}, "decoding": {"num_beams": 3}}
+    save_captioner(tmp_path / "captioner.pt", tiny_model, tiny_tokenizer, metadata)
+    calls = []
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, **options: calls.append(("create", repo_id, options)) or f"https://hf.co/{repo_id}",
+    )
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, revision=None):
+        with open(path_or_fileobj, "rb") as file:
+            calls.append(("upload", path_in_repo, repo_id, revision, file.read()))
+
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    assert hub.push(tmp_path / "captioner.pt", "user/captioner", private=True) == "https://hf.co/user/captioner"
+    assert calls[0] == ("create", "user/captioner", {"private": True, "exist_ok": True})
+    uploads = {call[1]: call[4] for call in calls[1:]}
+    assert uploads["captioner.pt"] == (tmp_path / "captioner.pt").read_bytes()
+    card = uploads["README.md"].decode()
+    assert "| CIDEr | 0.610 |" in card and "Flickr8k" in card and "pipeline_tag: image-to-text" in card
+
+
+def test_push_refuses_a_file_that_does_not_load(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError):
+        hub.push(tmp_path / "broken.pt", "user/captioner")
+
+
+def test_release_of_a_real_training_checkpoint_loads(tmp_path, tiny_model, tiny_tokenizer):
+    save_torch(checkpoint_dict(tiny_model, tiny_tokenizer), tmp_path / "last.pt")
+    assert (
+        hub.main(["release", str(tmp_path / "last.pt"), str(tmp_path / "out.pt"), "--decoding", '{"num_beams": 2}'])
+        == 0
+    )
+    assert load_captioner(tmp_path / "out.pt")[2]["decoding"] == {"num_beams": 2}

@@ -1,0 +1,33 @@
+"""The model shipped in the repository: it loads with no download and captions the example photos sensibly."""
+
+import pytest
+from conftest import ROOT
+
+from captioner import DEFAULT_MODEL, Captioner
+
+pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="captioner.pt has not been shipped yet")
+
+# Words a correct caption of each example photo uses for its subject.
+SUBJECTS = {
+    "cat.jpg": {"cat", "cats", "kitten", "kitty"},
+    "astronaut.jpg": {"man", "woman", "person", "girl", "astronaut", "lady"},
+}
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return Captioner.load(device="cpu")
+
+
+def test_shipped_model_is_small_and_documents_itself(captioner):
+    assert DEFAULT_MODEL.stat().st_size <= 80 * 2**20
+    metadata = captioner.metadata
+    assert metadata["trained_on"] and metadata["decoding"] and metadata["metrics_split"] == "test"
+    assert {"BLEU-4", "METEOR", "CIDEr"} <= set(metadata["metrics"])
+
+
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_shipped_model_names_the_subject_of_an_example_photo(captioner, name):
+    [caption] = captioner.caption([ROOT / "examples" / name])
+    words = set(caption.text.lower().replace(",", " ").split())
+    assert words & SUBJECTS[name], caption.text

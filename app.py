@@ -83,6 +83,8 @@ def decode_config(
 ) -> DecodeConfig:
     """The decoding options from the form (or an API call) as a checked DecodeConfig; gr.Error if out of range."""
     try:
+        if prefix is not None and not isinstance(prefix, str):
+            raise ValueError(f"prefix must be text, got {prefix!r}")
         beams = _whole("num_beams", num_beams)
         alternatives = _whole("alternatives", num_alternatives)
         returned = (
@@ -166,7 +168,7 @@ def about_markdown(captioner: Captioner) -> str:
 # ---- the app ----
 
 
-def build_app(captioner: Captioner) -> gr.Blocks:
+def build_app(captioner: Captioner, *, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     default = captioner.default_config()
     batcher = BatchingCaptioner(captioner)
     limit = captioner.model.config.n_positions - 1
@@ -373,7 +375,7 @@ def build_app(captioner: Captioner) -> gr.Blocks:
             )
         with gr.Tab("About this model"):
             gr.Markdown(about_markdown(captioner))
-    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
 
 
@@ -434,13 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="waiting requests beyond this are refused")
     arguments = parser.parse_args(argv)
     try:
         captioner = Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = build_app(captioner)
+    app = build_app(captioner, queue_size=arguments.queue_size)
     app.launch(share=arguments.share, show_error=True, max_file_size="50mb", css=CSS, footer_links=["api", "gradio"])
     return 0
 

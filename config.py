@@ -176,6 +176,93 @@ class DecodeConfig:
         _require(self.prefix.isprintable(), "prefix", self.prefix, "printable text without control characters")
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """Everything `train.py` does, one flag per field (`python train.py --help`)."""
+
+    data: str = "../shared/data/flickr8k"  # a data set in any layout data.py reads
+    out_dir: str = "runs/small"  # last.pt, best.pt, train.log, metrics.csv
+    preset: str = "small"  # model preset for a new model
+    init_from: str = ""  # a captioner file to fine-tune (its config and tokenizer are kept)
+    resume: bool = False  # continue out_dir/last.pt exactly where it stopped
+    decoder: str = ""  # "": a decoder from scratch with a caption tokenizer; else a GPT-2 hub id or folder
+    vocab_size: int = 0  # tokenizer size for a decoder from scratch (0: the preset's)
+    encoder_weights: str = ""  # a local encoder state dict (.safetensors/.pth); see ../shared/weights
+    encoder_pretrained: bool = False  # download the encoder's timm weights from the hub
+    n_layer: int | None = None  # decoder size overrides for a new model (None: the preset's)
+    n_head: int | None = None
+    n_embd: int | None = None
+    dropout: float | None = None
+    unfreeze_blocks: int = 4  # the encoder's last N blocks are trained (0: frozen encoder)
+    unfreeze_epoch: int = 0  # epoch from which they are trained (the decoder trains alone before)
+    encoder_lr_scale: float = 0.1  # encoder learning rate = lr * this
+    cache_dir: str = "~/.cache/image-captioner/features"  # frozen encoder blocks' tokens ("": no cache)
+    cache_blocks: int | None = None  # blocks before the cache point (None: every frozen block); fewer lets a
+    # cache made for more trainable blocks serve a run that trains fewer
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0: all epochs)
+    batch_size: int = 32  # images per micro-batch per process
+    captions_per_image: int = 5  # captions trained per image per step (fewer captions are cycled)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4
+    min_lr: float = 1e-5  # the cosine schedule's floor
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    flip: bool = True  # mirror training images at random (never those whose captions say left or right)
+    max_caption_tokens: int = 40  # longer training captions are cut
+    eval_every: int = 1  # epochs between validations (0: never; the last epoch is always validated otherwise)
+    eval_images: int = 0  # validation images captioned for metrics each epoch (0: all)
+    eval_beams: int = 3
+    log_every: int = 20  # optimizer steps between log lines
+    checkpoint_every: int = 100  # optimizer steps between saves of last.pt within an epoch
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    precision: Precision = "auto"  # auto: bfloat16 where the hardware has it, else float16 on GPU, float32 on CPU
+    workers: int = 4  # threads decoding images when they are not cached
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "captions_per_image", "grad_accum", "max_caption_tokens", "eval_beams"):
+            _require_positive_int(name, getattr(self, name))
+        for name in (
+            "vocab_size",
+            "unfreeze_blocks",
+            "unfreeze_epoch",
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "eval_images",
+        ):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
+        for name in ("log_every", "checkpoint_every", "workers"):
+            _require_positive_int(name, getattr(self, name))
+        _require_finite("lr", self.lr, 1e-8, 1.0, "in [1e-8, 1]")
+        _require_finite("min_lr", self.min_lr, 0.0, self.lr, f"in [0, lr={self.lr}]")
+        _require_finite("encoder_lr_scale", self.encoder_lr_scale, 0.0, 10.0, "in [0, 10]")
+        _require_finite("weight_decay", self.weight_decay, 0.0, 1.0, "in [0, 1]")
+        _require_finite("beta1", self.beta1, 0.0, 0.9999, "in [0, 1)")
+        _require_finite("beta2", self.beta2, 0.0, 0.9999, "in [0, 1)")
+        _require_finite("grad_clip", self.grad_clip, 0.0, 1e6, "non-negative (0: no clipping)")
+        _require_finite("label_smoothing", self.label_smoothing, 0.0, 0.5, "in [0, 0.5]")
+        _require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", self.precision, "auto/fp32/bf16/fp16")
+        _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
+        if self.cache_blocks is not None:
+            _require(
+                isinstance(self.cache_blocks, int) and self.cache_blocks >= 1,
+                "cache_blocks",
+                self.cache_blocks,
+                "at least 1",
+            )
+
+
 # ---- command-line flags generated from the dataclass fields, one flag per field ----
 
 

@@ -381,7 +381,12 @@ def train(config: TrainConfig) -> dict:
             "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config), "rng": rng_state(),
             "history": history, "best_cider": best_cider,
         }  # fmt: skip
-        save_torch(contents, path)
+        try:
+            save_torch(contents, path)
+        except OSError as error:  # e.g. disk full: atomic_write kept the previous file
+            raise CheckpointError(
+                f"{path}: could not write ({error.strerror or error}); the previous file is intact"
+            ) from error
 
     wrapped = None
     epoch_started, step_times, running_loss = time.perf_counter(), [], []

@@ -130,8 +130,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app(model_path: Path) -> tuple[str, subprocess.Popen]:
-    """Start `python app.py --model model_path` on a free loopback port; returns its URL and process."""
+def start_app(model_path: Path, *options: str) -> tuple[str, subprocess.Popen]:
+    """Start `python app.py --model model_path [options]` on a free loopback port; returns its URL and process."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -142,7 +142,7 @@ def start_app(model_path: Path) -> tuple[str, subprocess.Popen]:
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--model", str(model_path)],
+        [sys.executable, str(ROOT / "app.py"), "--model", str(model_path), *options],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120

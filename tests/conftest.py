@@ -1,10 +1,6 @@
 """Shared fixtures: tiny models and tokenizers built here, so the suite runs on a fresh clone without ../shared."""
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,8 @@ sys.path.insert(0, str(ROOT))
 import torchvision_fix  # noqa: E402, F401  (before transformers and timm)
 
 # isort: split
+from server import start_app, stop_app  # noqa: E402
+
 from checkpoint import save_captioner  # noqa: E402
 from config import PRESETS  # noqa: E402
 from model import CaptionModel  # noqa: E402
@@ -122,45 +120,6 @@ def gpt2_with_cross_attention(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_text_only(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2-text"), cross_attention=False, seed=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(model_path: Path, *options: str) -> tuple[str, subprocess.Popen]:
-    """Start `python app.py --model model_path [options]` on a free loopback port; returns its URL and process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-    }
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--model", str(model_path), *options],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app exited: {process.stdout.read()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return f"http://127.0.0.1:{port}/", process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    pytest.fail("app did not start within 120 s")
-
-
-def stop_app(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

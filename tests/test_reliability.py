@@ -203,3 +203,14 @@ def test_a_full_queue_answers_busy_instead_of_hanging(tmp_path, captioning_model
         assert any(message == "ok" for message, _ in outcomes)
     finally:
         stop_app(process)
+
+
+@pytest.mark.slow
+def test_the_load_script_reports_zero_failures_on_a_small_run(tmp_path, captioning_model, tiny_tokenizer, capsys):
+    import load_app
+
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer)
+    code = load_app.main(["--model", str(tmp_path / "model.pt"), "--clients", "3", "--requests", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "3 clients x 2 requests: 6 ok, 0 failed" in out and "p95" in out

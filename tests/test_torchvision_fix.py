@@ -1,9 +1,11 @@
 """The torchvision trap: timm and transformers' GPT-2 must import beside a CPU-only torch, and the fix must do
 nothing where torchvision imports on its own."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 PROBE = """
@@ -37,3 +39,27 @@ def test_fix_is_a_no_op_once_torchvision_imports():
     result = _run(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CI"), reason="installs a whole virtual environment (minutes); runs in CI, CI=true"
+)
+def test_a_fresh_virtual_environment_from_the_readme_install_command_imports_timm_and_gpt2(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    code = PROBE.format(root=str(ROOT), first="") + (
+        "from transformers import GPT2Config\n"
+        "GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, add_cross_attention=True))\n"
+        "import timm; timm.create_model('vit_tiny_patch16_224', num_classes=0)\n"
+    )
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ METEOR and the PTB tokenizer run on Java; SPICE is left out (it needs downloads 
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -26,7 +27,7 @@ from captioner import DEFAULT_MODEL, Captioner
 from checkpoint import CheckpointError, update_metadata
 from config import DecodeConfig, add_arguments, given_arguments
 from data import DataError, load_split
-from images import ImageError
+from images import ImageError, load_image
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -71,6 +72,18 @@ def format_metrics(scores: dict[str, float]) -> str:
     return "  ".join(f"{name} {scores[name]:.3f}" for name in METRICS if name in scores)
 
 
+def _sweep_values(text: str) -> tuple[str, list]:
+    name, _, values = text.partition("=")
+    kinds = {item.name: item.type for item in dataclasses.fields(DecodeConfig)}
+    if name not in kinds or not values:
+        raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2 with a decoding field, got {text!r}")
+    kind = int if kinds[name] in (int, int | None) else float if kinds[name] is float else str
+    try:
+        return name, [kind(value) for value in values.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -84,6 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--save-metrics", action="store_true", help="record the scores in the model file's metadata (its card)"
+    )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        type=_sweep_values,
+        metavar="FIELD=V1,V2",
+        help="score every combination of these decoding values instead, encoding the images once\n"
+        "(e.g. --sweep num_beams=3,5 length_penalty=1,2), to choose the default decoding on the val split",
     )
     add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
     arguments = parser.parse_args(argv)
@@ -101,15 +122,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    candidates, references, skipped = {}, {}, []
-    results = captioner.caption_each([item.image for item in items], config, batch_size=arguments.batch_size)
-    for item, result in tqdm(zip(items, results, strict=True), total=len(items), desc="captioning", unit="img"):
-        if isinstance(result, ImageError):
-            skipped.append(str(result))
-        else:
-            candidates[item.image.name], references[item.image.name] = result.text, list(item.captions)
+    encoded, references, skipped = [], {}, []
+    for start in tqdm(range(0, len(items), arguments.batch_size), desc="encoding", unit="batch"):
+        pictures, keys = [], []
+        for item in items[start : start + arguments.batch_size]:
+            try:
+                pictures.append(load_image(item.image))
+            except ImageError as error:
+                skipped.append(str(error))
+                continue
+            keys.append(item.image.name)
+            references[item.image.name] = list(item.captions)
+        if pictures:
+            encoded.append((keys, captioner.encode(pictures)))
     if skipped:
         print(f"warning: {len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}", file=sys.stderr)
+
+    def caption_all(config: DecodeConfig) -> dict[str, str]:
+        """Every image's caption, decoding the encodings made once above."""
+        return {
+            key: caption.text
+            for keys, tokens in tqdm(encoded, desc="captioning", unit="batch", leave=False)
+            for key, caption in zip(keys, captioner.caption(tokens, config), strict=True)
+        }
+
+    if arguments.sweep:
+        for values in itertools.product(*(values for _, values in arguments.sweep)):
+            setting = dict(zip((name for name, _ in arguments.sweep), values, strict=True))
+            texts = caption_all(captioner.check(dataclasses.replace(config, **setting)))
+            scores = score_captions(references, texts)
+            label = " ".join(f"{name}={value}" for name, value in setting.items())
+            print(f"{label}: {format_metrics(scores)}  distinct {distinct_ratio(list(texts.values())):.0%}", flush=True)
+        return 0
+    candidates = caption_all(config)
     scores = score_captions(references, candidates)
     print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
     print(format_metrics(scores))

@@ -210,23 +210,23 @@ def build_app(captioner: Captioner, *, queue_size: int = QUEUE_SIZE) -> gr.Block
             [other.text, round(other.confidence, 3), round(other.score, 3)] for other in caption.alternatives
         ]
         words = list(caption.words)
-        first = words[0] if words else None
         overlay = attention_overlay(photo, caption.attention[0]) if words else None
-        state = {"photo": photo, "words": words, "maps": caption.attention}
+        state = {"photo": photo, "maps": caption.attention}
         return (
             caption.text,
             _details(caption, config),
             f"Confidence {caption.confidence:.0%}",
             rows,
-            gr.Radio(choices=words, value=first, visible=bool(words)),
+            # A word can occur twice ("a ... a"): choices are (word, position) pairs.
+            gr.Radio(choices=[(word, index) for index, word in enumerate(words)], value=0, visible=bool(words)),
             overlay,
             state,
         )
 
-    def show_word(word, state):
-        if not state or word not in state["words"]:
+    def show_word(position, state):
+        if not state or not isinstance(position, int) or not 0 <= position < len(state["maps"]):
             return None
-        return attention_overlay(state["photo"], state["maps"][state["words"].index(word)])
+        return attention_overlay(state["photo"], state["maps"][position])
 
     def caption_files(
         files,

@@ -388,6 +388,7 @@ def train(config: TrainConfig) -> dict:
                 f"{path}: could not write ({error.strerror or error}); the previous file is intact"
             ) from error
 
+    board = _tensorboard(out_dir) if is_main else None
     wrapped = None
     epoch_started, step_times, running_loss = time.perf_counter(), [], []
     progress = None
@@ -441,6 +442,9 @@ def train(config: TrainConfig) -> dict:
                 step, epoch + 1, sum(running_loss) / len(running_loss), lr_at(step - 1, config, total_steps),
                 grad_norm, seconds, images_per_step / seconds,
             )  # fmt: skip
+            if board is not None:
+                board.add_scalar("train/loss", sum(running_loss) / len(running_loss), step)
+                board.add_scalar("train/lr", lr_at(step - 1, config, total_steps), step)
             step_times, running_loss = [], []
         epoch_done = step % steps_per_epoch == 0
         if is_main and (step % config.checkpoint_every == 0 or (step == stop_step and not epoch_done)):
@@ -460,13 +464,28 @@ def train(config: TrainConfig) -> dict:
                 history.append(metrics)
                 logger.info("epoch %d done in %.0f s: %s", epoch + 1, epoch_seconds, metrics)
                 _append_csv(out_dir / "metrics.csv", metrics)
+                if board is not None:
+                    for name, value in metrics.items():
+                        if name not in ("epoch", "step"):
+                            board.add_scalar(f"val/{name}", value, step)
                 save(last_path, metrics)
             model.train()
             if world > 1:
                 dist.barrier()
+    if board is not None:
+        board.close()
     if world > 1:
         dist.destroy_process_group()
     return history[-1] if history else {}
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer under out_dir/tensorboard where the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def _wrap(module: nn.Module, world: int, device: torch.device) -> nn.Module:

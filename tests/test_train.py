@@ -163,3 +163,25 @@ def test_torchrun_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_pa
     saved = torch.load(out_dir / "last.pt", weights_only=True)
     assert saved["training"]["step"] == 2  # 4 images / (1 per process x 2 processes)
     assert (out_dir / "train.log").read_text().count("config: TrainConfig") == 1  # rank 0 alone logs to the file
+
+
+def test_metrics_go_to_tensorboard_where_it_is_installed(tmp_path, photos, monkeypatch):
+    import types
+
+    scalars = []
+
+    class RecordingWriter:
+        def __init__(self, directory):
+            self.directory = directory
+
+        def add_scalar(self, name, value, step):
+            scalars.append((name, step))
+
+        def close(self):
+            scalars.append(("closed", self.directory))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    train.train(_config(tmp_path, photos, epochs=1, eval_every=1, eval_images=2, eval_beams=1))
+    names = {name for name, _ in scalars}
+    assert {"train/loss", "train/lr", "val/val_loss", "val/CIDEr"} <= names
+    assert scalars[-1] == ("closed", str(tmp_path / "run" / "tensorboard"))

@@ -21,7 +21,7 @@ import torch
 
 import decoding
 from config import PRESETS, DecodeConfig
-from model import CaptionModel, gpt2_state_dict
+from model import CaptionModel, to_gpt2
 
 
 def _median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -34,27 +34,12 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _reference(model: CaptionModel, eos: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = model.config
-    reference = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            layer_norm_epsilon=c.layer_norm_epsilon, add_cross_attention=True, bos_token_id=eos, eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    ).eval()  # fmt: skip
-    reference.load_state_dict(gpt2_state_dict(model))
-    return reference
-
-
 def benchmark_preset(name: str, new_tokens: int, repeats: int, batches: Sequence[int]) -> list[dict]:
     config = PRESETS[name]
     torch.manual_seed(0)
     model = CaptionModel(config).eval()
     eos = config.vocab_size - 1
-    reference = _reference(model, eos)
+    reference = to_gpt2(model, bos_token_id=eos, eos_token_id=eos)
     rows = []
     for batch in batches:
         with torch.inference_mode():

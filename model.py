@@ -559,6 +559,23 @@ def gpt2_state_dict(model: CaptionModel) -> dict[str, Tensor]:
     return state
 
 
+def to_gpt2(model: CaptionModel, *, bos_token_id: int, eos_token_id: int):
+    """A transformers GPT2LMHeadModel(add_cross_attention=True) with the decoder's weights: what
+    VisionEncoderDecoderModel runs, for side-by-side comparison. It takes `model.encode`'s tokens as
+    `encoder_hidden_states`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    config = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        layer_norm_epsilon=c.layer_norm_epsilon, add_cross_attention=True, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )  # fmt: skip
+    reference = GPT2LMHeadModel(config).eval()
+    reference.load_state_dict(gpt2_state_dict(model), strict=True)
+    return reference
+
+
 def _load_gpt2_checkpoint(source: str | os.PathLike):
     """A transformers GPT2LMHeadModel from a hub id or a local `save_pretrained` directory (one code path)."""
     from transformers import GPT2LMHeadModel

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 from conftest import make_decisive
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import decoding
 from config import PRESETS, DecodeConfig
-from model import CaptionModel, gpt2_state_dict
+from model import CaptionModel, to_gpt2
 
 BOS, EOS = 1, 0
 MAX_NEW = 12
@@ -22,21 +22,7 @@ def _peaked_model(eos_bias: float, seed: int = 0) -> CaptionModel:
 
 
 def _reference(model: CaptionModel) -> GPT2LMHeadModel:
-    c = model.config
-    config = GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.n_positions,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        add_cross_attention=True,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-    )
-    reference = GPT2LMHeadModel(config).eval()
-    reference.load_state_dict(gpt2_state_dict(model))
-    return reference
+    return to_gpt2(model, bos_token_id=BOS, eos_token_id=EOS)
 
 
 def _images(batch: int = 4, seed: int = 0) -> torch.Tensor:

@@ -12,21 +12,25 @@ import argparse
 import base64
 import csv
 import dataclasses
+import inspect
 import os
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
-from captioner import BatchingCaptioner, Caption, Captioner, add_model_arguments
+from captioner import Caption, Captioner
 from checkpoint import CheckpointError
-from config import STRATEGIES, DecodeConfig
+from cli import add_model_arguments, load_captioner
+from config import DECODE_LIMITS, STRATEGIES, DecodeConfig
 from images import IMAGE_SUFFIXES, ImageError, load_image
+from serving import BatchingCaptioner
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MAX_BATCH_FILES = 200
@@ -67,47 +71,105 @@ def _user_message(error: ImageError, payload) -> str:
     return text
 
 
-def decode_config(
-    default: DecodeConfig,
-    strategy: str,
-    num_beams: float,
-    length_penalty: float,
-    max_new_tokens: float,
-    no_repeat_ngram_size: float,
-    num_alternatives: float,
-    temperature: float,
-    top_k: float,
-    top_p: float,
-    seed: float | None,
-    prefix: str | None,
-) -> DecodeConfig:
-    """The decoding options from the form (or an API call) as a checked DecodeConfig; gr.Error if out of range."""
+# ---- the decoding options: defined once, for the controls, the handlers and the API ----
+
+
+@dataclass(frozen=True)
+class Option:
+    """A decoding control: its API parameter name, its label, and its range (within DECODE_LIMITS)."""
+
+    name: str  # a DecodeConfig field, except num_alternatives (num_return_sequences - 1)
+    label: str
+    shown: tuple[float, float] | None = None  # a narrower slider range than the accepted one, for usability
+    step: float = 1
+    single_photo_only: bool = False  # not offered for batches
+
+    def control(self, default: DecodeConfig, token_limit: int) -> gr.components.Component:
+        """The form control, starting at the model's default."""
+        if self.name == "strategy":
+            return gr.Radio(list(STRATEGIES), value=default.strategy, label=self.label)
+        if self.name == "seed":
+            return gr.Number(value=-1, precision=0, label=self.label)
+        if self.name == "prefix":
+            return gr.Textbox(value=default.prefix, label=self.label, placeholder="e.g. a photo of")
+        low, high = DECODE_LIMITS["num_return_sequences" if self.name == "num_alternatives" else self.name]
+        if self.name == "num_alternatives":
+            low, high, value = low - 1, high - 1, 2
+        else:
+            value = getattr(default, self.name)
+        if self.shown:
+            low, high = max(low, self.shown[0]), min(high, self.shown[1])
+        if self.name == "max_new_tokens":
+            high, value = min(high, token_limit), min(value, token_limit)
+        return gr.Slider(low, high, value=value, step=self.step, label=self.label)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("strategy", "Strategy"),
+    Option("num_beams", "Beams (beam search)", shown=(1, 8)),
+    Option("length_penalty", "Length penalty (beam search; higher: longer)", shown=(-1.0, 3.0), step=0.1),
+    Option("max_new_tokens", "Max new tokens", shown=(1, 60)),
+    Option("no_repeat_ngram_size", "No-repeat n-gram size (0: off)", shown=(0, 5)),
+    Option("num_alternatives", "Alternative captions (beam or sampling)", shown=(0, 7), single_photo_only=True),
+    Option("temperature", "Temperature (sampling)", shown=(0.1, 2.0), step=0.05),
+    Option("top_k", "Top-k (sampling; 0: off)", shown=(0, 200)),
+    Option("top_p", "Top-p (sampling)", shown=(0.05, 1.0), step=0.05),
+    Option("seed", "Seed (sampling; -1: random)"),
+    Option("prefix", "Caption must continue this text"),
+)
+BATCH_OPTIONS = tuple(option for option in OPTIONS if not option.single_photo_only)
+
+
+def decode_config(default: DecodeConfig, **values) -> DecodeConfig:
+    """The decoding options from the form or an API call (named as in OPTIONS; missing ones keep the model's
+    defaults) as a checked DecodeConfig; gr.Error if one is out of range."""
     try:
+        prefix = values.get("prefix", default.prefix)
         if prefix is not None and not isinstance(prefix, str):
             raise ValueError(f"prefix must be text, got {prefix!r}")
-        beams = _whole("num_beams", num_beams)
-        alternatives = _whole("alternatives", num_alternatives)
-        returned = (
-            min(beams, 1 + alternatives) if strategy == "beam" else (1 if strategy == "greedy" else 1 + alternatives)
-        )
-        return DecodeConfig(
+        strategy = values.get("strategy", default.strategy)
+        beams = _whole("num_beams", values.get("num_beams", default.num_beams))
+        alternatives = _whole("alternatives", values.get("num_alternatives", 0))
+        returned = {"beam": min(beams, 1 + alternatives), "greedy": 1}.get(strategy, 1 + alternatives)
+        max_new_tokens = _whole("max_new_tokens", values.get("max_new_tokens", default.max_new_tokens))
+        seed = values.get("seed")
+        return dataclasses.replace(
+            default,
             strategy=strategy,
             num_beams=beams,
-            length_penalty=float(length_penalty),
-            max_new_tokens=_whole("max_new_tokens", max_new_tokens),
-            no_repeat_ngram_size=_whole("no_repeat_ngram_size", no_repeat_ngram_size),
+            length_penalty=float(values.get("length_penalty", default.length_penalty)),
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=_whole(
+                "no_repeat_ngram_size", values.get("no_repeat_ngram_size", default.no_repeat_ngram_size)
+            ),
             num_return_sequences=returned,
-            temperature=float(temperature),
-            top_k=_whole("top_k", top_k),
-            top_p=float(top_p),
+            temperature=float(values.get("temperature", default.temperature)),
+            top_k=_whole("top_k", values.get("top_k", default.top_k)),
+            top_p=float(values.get("top_p", default.top_p)),
             seed=None if seed is None or seed == "" or float(seed) < 0 else _whole("seed", seed),
             prefix=(prefix or "").strip(),
-            min_new_tokens=min(default.min_new_tokens, _whole("max_new_tokens", max_new_tokens)),
-            repetition_penalty=default.repetition_penalty,
-            early_stopping=default.early_stopping,
+            min_new_tokens=min(default.min_new_tokens, max_new_tokens),
         )
     except (TypeError, ValueError) as error:
         raise gr.Error(f"Invalid option: {error}") from error
+
+
+def _with_option_parameters(handler: Callable, first: str, options: Sequence[Option], *, progress: bool = False):
+    """`handler(first, **options[, progress])` with the signature `(first, <each option by name>)`, which Gradio
+    reads for the API's parameter names (gradio_client calls them by keyword, e.g. max_new_tokens=3)."""
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(name, positional) for name in (first, *(option.name for option in options))]
+    if progress:  # Gradio hands a progress tracker to a parameter whose default is gr.Progress()
+        parameters.append(inspect.Parameter("progress", positional, default=gr.Progress()))
+
+    def bound(*values):
+        named = dict(zip((option.name for option in options), values[1:], strict=False))
+        extra = {"progress": values[-1]} if progress else {}
+        return handler(values[0], **named, **extra)
+
+    bound.__signature__ = inspect.Signature(parameters)
+    bound.__name__ = handler.__name__
+    return bound
 
 
 def _whole(name: str, value) -> int:
@@ -169,93 +231,89 @@ def about_markdown(captioner: Captioner) -> str:
 
 
 def build_app(captioner: Captioner, *, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The web app over `captioner`: a caption tab, a batch tab and the model card."""
+    with gr.Blocks(title="Image Captioner") as app:
+        gr.Markdown(
+            "# Image Captioner\nA small ViT + GPT-2 captioner that runs on a laptop CPU. "
+            "Add a photo and press **Caption**."
+        )
+        with gr.Tab("Caption"):
+            controls = _caption_tab(captioner)
+        with gr.Tab("Batch"):
+            _batch_tab(captioner, controls)
+        with gr.Tab("About this model"):
+            gr.Markdown(about_markdown(captioner))
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    return app
+
+
+def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
+    """One photo: its caption, alternatives, confidence and per-word attention. Returns the option controls, which
+    the batch tab shares."""
     default = captioner.default_config()
     batcher = BatchingCaptioner(captioner)
-    limit = captioner.model.config.n_positions - 1
 
-    def caption_photo(
-        image,
-        strategy,
-        num_beams,
-        length_penalty,
-        max_new_tokens,
-        no_repeat_ngram_size,
-        num_alternatives,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        prefix,
-    ):
-        config = decode_config(
-            default,
-            strategy,
-            num_beams,
-            length_penalty,
-            max_new_tokens,
-            no_repeat_ngram_size,
-            num_alternatives,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            prefix,
-        )
+    def caption_photo(image, **values):
+        config = decode_config(default, **values)
         photo = _image_from_payload(image)
         try:
             caption = batcher.caption(photo, config, attention=True)
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        rows = [[caption.text, round(caption.confidence, 3), round(caption.score, 3)]] + [
-            [other.text, round(other.confidence, 3), round(other.score, 3)] for other in caption.alternatives
-        ]
+        rows = [[c.text, round(c.confidence, 3), round(c.score, 3)] for c in (caption, *caption.alternatives)]
         words = list(caption.words)
         overlay = attention_overlay(photo, caption.attention[0]) if words else None
         state = {"photo": photo, "maps": caption.attention}
-        return (
-            caption.text,
-            _details(caption, config),
-            f"Confidence {caption.confidence:.0%}",
-            rows,
-            # A word can occur twice ("a ... a"): choices are (word, position) pairs.
-            gr.Radio(choices=[(word, index) for index, word in enumerate(words)], value=0, visible=bool(words)),
-            overlay,
-            state,
+        # A word can occur twice ("a ... a"): choices are (word, position) pairs.
+        word_choice = gr.Radio(
+            choices=[(word, index) for index, word in enumerate(words)], value=0, visible=bool(words)
         )
+        confidence = f"Confidence {caption.confidence:.0%}"
+        return caption.text, _details(caption, config), confidence, rows, word_choice, overlay, state
 
     def show_word(position, state):
         if not state or not isinstance(position, int) or not 0 <= position < len(state["maps"]):
             return None
         return attention_overlay(state["photo"], state["maps"][position])
 
-    def caption_files(
-        files,
-        strategy,
-        num_beams,
-        length_penalty,
-        max_new_tokens,
-        no_repeat_ngram_size,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        prefix,
-        progress=gr.Progress(),  # noqa: B008  (gradio's way of asking for a progress bar)
-    ):
-        config = decode_config(
-            default,
-            strategy,
-            num_beams,
-            length_penalty,
-            max_new_tokens,
-            no_repeat_ngram_size,
-            0,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            prefix,
-        )
+    token_limit = captioner.model.config.n_positions - 1
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(sources=["upload", "clipboard", "webcam"], type="filepath", label="Photo", height=360)
+            button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Accordion("Decoding options", open=False):
+                controls = {option.name: option.control(default, token_limit) for option in OPTIONS}
+            gr.Examples(examples=sorted(str(path) for path in EXAMPLES.glob("*.jpg")), inputs=image, label="Examples")
+        with gr.Column(scale=1):
+            caption = gr.Textbox(
+                label="Caption", elem_id="caption-text", lines=2, buttons=["copy"], elem_classes="caption-text"
+            )
+            confidence = gr.Markdown(label="Confidence")
+            table = gr.Dataframe(
+                headers=["caption", "confidence", "score"], label="Best caption and alternatives", interactive=False
+            )
+            word = gr.Radio(choices=[], label="Where the model looked for this word", visible=False)
+            overlay = gr.Image(label="Attention", interactive=False, height=300)
+            details = gr.JSON(label="Details", visible=False)
+    state = gr.State()
+    button.click(
+        _with_option_parameters(caption_photo, "image", OPTIONS),
+        [image, *(controls[option.name] for option in OPTIONS)],
+        [caption, details, confidence, table, word, overlay, state],
+        api_name="caption",
+        preprocess=False,
+        concurrency_limit=CAPTION_CONCURRENCY,
+    )
+    word.change(show_word, [word, state], overlay, api_visibility="private")
+    return controls
+
+
+def _batch_tab(captioner: Captioner, controls: dict[str, gr.components.Component]) -> None:
+    """Many photos, or a .zip of them: a table of captions and a CSV to download."""
+    default = captioner.default_config()
+
+    def caption_files(files, progress, **values):
+        config = decode_config(default, **values)
         named_sources = _batch_sources(files)
         rows = []
         progress(0, desc="Captioning")
@@ -268,115 +326,19 @@ def build_app(captioner: Captioner, *, queue_size: int = QUEUE_SIZE) -> gr.Block
             progress((index + 1) / len(named_sources), desc=f"Captioned {index + 1} of {len(named_sources)}")
         return rows, _write_csv(rows)
 
-    with gr.Blocks(title="Image Captioner") as app:
-        gr.Markdown(
-            "# Image Captioner\nA small ViT + GPT-2 captioner that runs on a laptop CPU. "
-            "Add a photo and press **Caption**."
-        )
-        with gr.Tab("Caption"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    image = gr.Image(
-                        sources=["upload", "clipboard", "webcam"], type="filepath", label="Photo", height=360
-                    )
-                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                    with gr.Accordion("Decoding options", open=False):
-                        strategy = gr.Radio(list(STRATEGIES), value=default.strategy, label="Strategy")
-                        beams = gr.Slider(1, 8, value=default.num_beams, step=1, label="Beams (beam search)")
-                        length_penalty = gr.Slider(
-                            -1.0,
-                            3.0,
-                            value=default.length_penalty,
-                            step=0.1,
-                            label="Length penalty (beam search; higher: longer)",
-                        )
-                        max_tokens = gr.Slider(
-                            1, min(limit, 60), value=min(default.max_new_tokens, limit), step=1, label="Max new tokens"
-                        )
-                        no_repeat = gr.Slider(
-                            0, 5, value=default.no_repeat_ngram_size, step=1, label="No-repeat n-gram size (0: off)"
-                        )
-                        alternatives = gr.Slider(0, 7, value=2, step=1, label="Alternative captions (beam or sampling)")
-                        temperature = gr.Slider(
-                            0.1, 2.0, value=default.temperature, step=0.05, label="Temperature (sampling)"
-                        )
-                        top_k = gr.Slider(0, 200, value=default.top_k, step=1, label="Top-k (sampling; 0: off)")
-                        top_p = gr.Slider(0.05, 1.0, value=default.top_p, step=0.05, label="Top-p (sampling)")
-                        seed = gr.Number(value=-1, precision=0, label="Seed (sampling; -1: random)")
-                        prefix = gr.Textbox(
-                            value="", label="Caption must continue this text", placeholder="e.g. a photo of"
-                        )
-                    gr.Examples(
-                        examples=sorted(str(path) for path in EXAMPLES.glob("*.jpg")), inputs=image, label="Examples"
-                    )
-                with gr.Column(scale=1):
-                    caption = gr.Textbox(
-                        label="Caption", elem_id="caption-text", lines=2, buttons=["copy"], elem_classes="caption-text"
-                    )
-                    confidence = gr.Markdown(label="Confidence")
-                    table = gr.Dataframe(
-                        headers=["caption", "confidence", "score"],
-                        label="Best caption and alternatives",
-                        interactive=False,
-                    )
-                    word = gr.Radio(choices=[], label="Where the model looked for this word", visible=False)
-                    overlay = gr.Image(label="Attention", interactive=False, height=300)
-                    details = gr.JSON(label="Details", visible=False)
-            state = gr.State()
-            options = [
-                strategy,
-                beams,
-                length_penalty,
-                max_tokens,
-                no_repeat,
-                alternatives,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                prefix,
-            ]
-            button.click(
-                caption_photo,
-                [image, *options],
-                [caption, details, confidence, table, word, overlay, state],
-                api_name="caption",
-                preprocess=False,
-                concurrency_limit=CAPTION_CONCURRENCY,
-            )
-            word.change(show_word, [word, state], overlay, api_visibility="private")
-        with gr.Tab("Batch"):
-            gr.Markdown(f"Caption up to {MAX_BATCH_FILES} photos at once: select several files, or one `.zip` of them.")
-            files = gr.File(file_count="multiple", label="Photos or a .zip", file_types=["image", ".zip"])
-            batch_button = gr.Button("Caption all", variant="primary")
-            results = gr.Dataframe(
-                headers=["file", "caption", "confidence", "error"], label="Captions", interactive=False
-            )
-            download = gr.File(label="Download CSV")
-            batch_options = [
-                strategy,
-                beams,
-                length_penalty,
-                max_tokens,
-                no_repeat,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                prefix,
-            ]
-            batch_button.click(
-                caption_files,
-                [files, *batch_options],
-                [results, download],
-                api_name="caption_batch",
-                preprocess=False,
-                concurrency_limit=BATCH_CONCURRENCY,
-            )
-        with gr.Tab("About this model"):
-            gr.Markdown(about_markdown(captioner))
-    app.queue(max_size=queue_size, default_concurrency_limit=1)
-    return app
+    gr.Markdown(f"Caption up to {MAX_BATCH_FILES} photos at once: select several files, or one `.zip` of them.")
+    files = gr.File(file_count="multiple", label="Photos or a .zip", file_types=["image", ".zip"])
+    button = gr.Button("Caption all", variant="primary")
+    results = gr.Dataframe(headers=["file", "caption", "confidence", "error"], label="Captions", interactive=False)
+    download = gr.File(label="Download CSV")
+    button.click(
+        _with_option_parameters(caption_files, "files", BATCH_OPTIONS, progress=True),
+        [files, *(controls[option.name] for option in BATCH_OPTIONS)],
+        [results, download],
+        api_name="caption_batch",
+        preprocess=False,
+        concurrency_limit=BATCH_CONCURRENCY,
+    )
 
 
 def _reason(error: ImageError) -> str:
@@ -437,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="waiting requests beyond this are refused")
     arguments = parser.parse_args(argv)
     try:
-        captioner = Captioner.from_arguments(arguments)
+        captioner = load_captioner(arguments)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import decoding
-from captioner import DTYPES
 from config import PRESETS, DecodeConfig
-from model import CaptionModel, to_gpt2
+from devices import DTYPES
+from model import CaptionModel
+from pretrained import to_gpt2
 
 
 def _timed(run: Callable[[], object], repeats: int) -> tuple[float, object]:

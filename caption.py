@@ -22,9 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner import Captioner, add_model_arguments
 from checkpoint import CheckpointError, atomic_write
-from config import DecodeConfig, add_arguments, given_arguments
+from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
+from config import DecodeConfig
 from images import IMAGE_SUFFIXES, ImageError
 
 FORMATS = ("text", "jsonl", "csv")
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             paths = [path for path in paths if path not in existing]
     try:
-        captioner = Captioner.from_arguments(arguments)
+        captioner = load_captioner(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The model file: `captioner.pt`, and the Hub layout `model.safetensors` + `config.json` + `tokenizer.json`.
+"""The files: the model file `captioner.pt`, the Hub layout `model.safetensors` + `config.json` + `tokenizer.json`,
+and training checkpoints (a model file plus the optimizer, step, random state and history of the run).
 
 A `.pt` file is a plain dict of tensors, strings and numbers, written atomically and read with
 ``torch.load(weights_only=True)``, which refuses any pickled object that could run code:
@@ -15,7 +16,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,22 @@ FORMAT_VERSION = 1
 SAFETENSORS_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
+MAX_MESSAGE = 200  # characters: an error is one short line, not a library's paragraph
+
+
 class CheckpointError(ValueError):
-    """A model or training file that cannot be used; the message names the file and the problem."""
+    """A model or training file that cannot be used; one line (at most MAX_MESSAGE characters) naming the file and
+    the problem."""
+
+    def __init__(self, message: str):
+        line = " ".join(message.split())
+        super().__init__(line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 1] + "…")
+
+
+def _detail(error: BaseException) -> str:
+    """The first sentence of a library's error, which says what went wrong; the rest is advice for its own users."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(". ", 1)[0].rstrip(".")[:80]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -80,8 +95,7 @@ def load_torch(path: str | os.PathLike) -> Any:
             ) from error
         raise CheckpointError(f"{name}: not a readable checkpoint (corrupt pickle data)") from error
     except Exception as error:  # garbage input makes torch's unpickler raise KeyError, IndexError, struct.error...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{name}: not a readable checkpoint, truncated or corrupt ({first_line})") from error
+        raise CheckpointError(f"{name}: not a readable checkpoint, truncated or corrupt ({_detail(error)})") from error
 
 
 def checkpoint_dict(model: CaptionModel, tokenizer: CaptionTokenizer, metadata: dict | None = None) -> dict:
@@ -149,11 +163,11 @@ def _build(name: str, contents: dict) -> tuple[CaptionModel, CaptionTokenizer, d
     try:
         config = ModelConfig.from_dict(dict(contents["config"]))
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{name}: bad model config ({error})") from error
+        raise CheckpointError(f"{name}: bad model config ({_detail(error)})") from error
     try:
         tokenizer = CaptionTokenizer.from_json(contents["tokenizer"])
     except Exception as error:  # the tokenizers library raises its own untyped Exception
-        raise CheckpointError(f"{name}: bad tokenizer ({error})") from error
+        raise CheckpointError(f"{name}: bad tokenizer ({_detail(error)})") from error
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(
             f"{name}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
@@ -162,7 +176,7 @@ def _build(name: str, contents: dict) -> tuple[CaptionModel, CaptionTokenizer, d
     try:
         model.load_state_dict(contents["state_dict"], strict=True)
     except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
+        detail = " ".join(str(error).split())
         raise CheckpointError(f"{name}: weights do not match the model config ({detail})") from error
     return model.eval(), tokenizer, dict(contents.get("metadata") or {})
 
@@ -192,12 +206,70 @@ def import_safetensors(directory: str | os.PathLike) -> tuple[CaptionModel, Capt
         config = json.loads(Path(name, "config.json").read_text(encoding="utf-8"))
         tokenizer_json = Path(name, "tokenizer.json").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{name}: unreadable config.json or tokenizer.json ({error})") from error
+        raise CheckpointError(f"{name}: unreadable config.json or tokenizer.json ({_detail(error)})") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{name}: config.json is not a captioner config (no '{FORMAT}' format marker)")
     try:
         state_dict = load_file(os.path.join(name, "model.safetensors"))
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{name}: model.safetensors is truncated or corrupt ({error})") from error
+        raise CheckpointError(f"{name}: model.safetensors is truncated or corrupt ({_detail(error)})") from error
     contents = {**config, "tokenizer": tokenizer_json, "state_dict": state_dict}
     return _build(name, contents)
+
+
+# ---- training checkpoints: a model file plus the state that continues the run exactly ----
+
+
+@dataclass
+class TrainingState:
+    """What `train.py --resume` needs besides the model: stored under "training" in last.pt and best.pt."""
+
+    optimizer: dict  # the optimizer's state_dict
+    step: int  # optimizer steps taken
+    config: dict  # asdict(TrainConfig) of the run, to refuse resuming with other settings
+    rng: dict  # torch's random state (and CUDA's), so dropout and data choices continue the same way
+    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    best_cider: float = -1.0  # the best validation score so far (best.pt's)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    path: str | os.PathLike, model: CaptionModel, tokenizer: CaptionTokenizer, metadata: dict, state: TrainingState
+) -> None:
+    """A model file that `train.py --resume` can also continue, written atomically."""
+    contents = checkpoint_dict(model, tokenizer, metadata)
+    contents["training"] = asdict(state)
+    try:
+        save_torch(contents, path)
+    except OSError as error:  # e.g. disk full: atomic_write kept the previous file
+        raise CheckpointError(
+            f"{os.fspath(path)}: could not write ({error.strerror or error}); the previous file is intact"
+        ) from error
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, TrainingState]:
+    """Model, tokenizer and training state of a checkpoint `save_training_checkpoint` wrote."""
+    name = os.fspath(path)
+    contents = load_torch(name)
+    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
+        raise CheckpointError(f"{name}: not a captioner model file (no '{FORMAT}' format marker)")
+    if "training" not in contents:
+        raise CheckpointError(f"{name}: not a training checkpoint (no optimizer state)")
+    model, tokenizer, _ = _build(name, contents)
+    try:
+        state = TrainingState(**contents["training"])
+    except TypeError as error:
+        raise CheckpointError(f"{name}: unreadable training state ({_detail(error)})") from error
+    return model, tokenizer, state

@@ -101,27 +101,50 @@ def _process(scores: Tensor, tokens: Tensor, generated: int, config: DecodeConfi
     return scores
 
 
-# ---- greedy and sampling: one token per row per step ----
+# ---- the strategies: one signature, (model, image tokens, config, prompt, eos, generator) -> Generation ----
 
 
-def _prompt(bos_token_id: int, prefix_ids: Sequence[int], rows: int, device: torch.device) -> Tensor:
-    return torch.tensor([bos_token_id, *prefix_ids], device=device).expand(rows, -1)  # (rows, P)
+def _greedy(
+    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    generator: torch.Generator | None,
+) -> Generation:  # fmt: skip
+    """The most likely token at every step."""
+    return _one_token_per_step(model, image_tokens, config, prompt, eos_token_id, lambda scores: scores.argmax(-1), 1)
+
+
+def _sample(
+    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    generator: torch.Generator | None,
+) -> Generation:  # fmt: skip
+    """`num_return_sequences` captions per image drawn with temperature, top-k and top-p; best first."""
+
+    def choose(scores: Tensor) -> Tensor:
+        logits = keep_top_p(keep_top_k(scores / config.temperature, config.top_k), config.top_p)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    rows = config.num_return_sequences
+    generation = _one_token_per_step(model, image_tokens, config, prompt, eos_token_id, choose, rows)
+    order = generation.scores.argsort(dim=1, descending=True)
+    return Generation(
+        _gather_beams(generation.sequences, order),
+        _gather_beams(generation.token_logprobs, order),
+        generation.lengths.gather(1, order),
+        generation.scores.gather(1, order),
+    )
 
 
 def _one_token_per_step(
     model: CaptionModel,
     image_tokens: Tensor,
     config: DecodeConfig,
-    choose: Callable[[Tensor], Tensor],
-    *,
-    bos_token_id: int,
+    prompt: Sequence[int],
     eos_token_id: int,
-    prefix_ids: Sequence[int],
+    choose: Callable[[Tensor], Tensor],
     rows_per_image: int,
 ) -> Generation:
     images = image_tokens.shape[0]
     rows = images * rows_per_image
-    tokens = _prompt(bos_token_id, prefix_ids, rows, image_tokens.device)
+    tokens = torch.tensor(prompt, device=image_tokens.device).expand(rows, -1)  # (rows, P)
     prompt_length = tokens.shape[1]
     cache = model.start_cache(image_tokens, rows_per_image, prompt_length + config.max_new_tokens)
     logits = model.decode_step(tokens, cache)
@@ -129,8 +152,7 @@ def _one_token_per_step(
     chosen_logprobs = []
     for step in range(config.max_new_tokens):
         scores = _process(logits.float(), tokens, step, config, eos_token_id)
-        next_tokens = choose(scores)
-        next_tokens = torch.where(finished, eos_token_id, next_tokens)
+        next_tokens = torch.where(finished, eos_token_id, choose(scores))
         logprobs = logits.float().log_softmax(-1).gather(1, next_tokens[:, None])[:, 0]
         chosen_logprobs.append(torch.where(finished, 0.0, logprobs))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
@@ -140,12 +162,11 @@ def _one_token_per_step(
         logits = model.decode_step(next_tokens[:, None], cache)
     generated = tokens[:, prompt_length:]
     token_logprobs = torch.stack(chosen_logprobs, dim=1)
-    lengths = _lengths(generated, eos_token_id)
     shape = (images, rows_per_image)
     return Generation(
         generated.view(*shape, -1),
         token_logprobs.view(*shape, -1),
-        lengths.view(shape),
+        _lengths(generated, eos_token_id).view(shape),
         token_logprobs.sum(1).view(shape),
     )
 
@@ -153,175 +174,129 @@ def _one_token_per_step(
 def _lengths(generated: Tensor, eos_token_id: int) -> Tensor:
     """Tokens up to and including the first EOS (all of them where there is none)."""
     is_eos = generated == eos_token_id
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
-    return first_eos
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
 
 
-def greedy(
-    model: CaptionModel,
-    image_tokens: Tensor,
-    *,
-    bos_token_id: int,
-    eos_token_id: int,
-    max_new_tokens: int,
-    config: DecodeConfig | None = None,
-    prefix_ids: Sequence[int] = (),
-) -> Tensor:
-    """The most likely token at every step: generated ids (B, T), without BOS, padded with EOS after the end."""
-    config = _with(config or DecodeConfig(), strategy="greedy", max_new_tokens=max_new_tokens, num_return_sequences=1)
-    return generate(
-        model, image_tokens, config, bos_token_id=bos_token_id, eos_token_id=eos_token_id, prefix_ids=prefix_ids
-    ).sequences[:, 0]
+# ---- beam search: a state, a step that advances it by one token, and a finish that reads the result ----
 
 
-def sample(
-    model: CaptionModel,
-    image_tokens: Tensor,
-    config: DecodeConfig,
-    *,
-    bos_token_id: int,
-    eos_token_id: int,
-    generator: torch.Generator | None = None,
-    prefix_ids: Sequence[int] = (),
-) -> Generation:
-    """`config.num_return_sequences` sampled captions per image, with temperature, top-k and top-p."""
-    return generate(
-        model,
-        image_tokens,
-        _with(config, strategy="sample"),
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        generator=generator,
-        prefix_ids=prefix_ids,
-    )
+@dataclass
+class _Beams:
+    """Per image: K running beams and the K best finished hypotheses, as (B, K, max_length) token tensors."""
+
+    running: Tensor  # (B, K, L) tokens, prompt included
+    running_logprobs: Tensor  # (B, K, L) each token's raw log-probability
+    running_scores: Tensor  # (B, K) summed (processed) log-probabilities
+    finished: Tensor  # (B, K, L)
+    finished_logprobs: Tensor  # (B, K, L)
+    finished_scores: Tensor  # (B, K) length-penalised
+    finished_lengths: Tensor  # (B, K) generated tokens, EOS included
+    is_finished: Tensor  # (B, K) bool
+    can_improve: Tensor  # (B, 1) bool: the best running beam could still beat the worst finished one
+
+    @classmethod
+    def start(cls, prompt: Tensor, beams: int, max_length: int, eos_token_id: int) -> "_Beams":
+        images, device = prompt.shape[0], prompt.device
+        running = torch.full((images, beams, max_length), eos_token_id, dtype=torch.long, device=device)
+        running[:, :, : prompt.shape[1]] = prompt[:, None]
+        logprobs = torch.zeros(images, beams, max_length, device=device)
+        scores = torch.zeros(images, beams, device=device)
+        scores[:, 1:] = _EXCLUDED  # all beams start identical: expand only the first
+        return cls(
+            running, logprobs, scores, running.clone(), logprobs.clone(),
+            torch.full((images, beams), _EXCLUDED, device=device),
+            torch.zeros(images, beams, dtype=torch.long, device=device),
+            torch.zeros(images, beams, dtype=torch.bool, device=device),
+            torch.ones(images, 1, dtype=torch.bool, device=device),
+        )  # fmt: skip
 
 
-def _sampler(config: DecodeConfig, generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
-    def choose(scores: Tensor) -> Tensor:
-        logits = keep_top_p(keep_top_k(scores / config.temperature, config.top_k), config.top_p)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-    return choose
-
-
-# ---- beam search ----
-
-
-def beam_search(
-    model: CaptionModel,
-    image_tokens: Tensor,
-    *,
-    bos_token_id: int,
-    eos_token_id: int,
-    max_new_tokens: int,
-    num_beams: int,
-    length_penalty: float = 1.0,
-    config: DecodeConfig | None = None,
-    prefix_ids: Sequence[int] = (),
-) -> Tensor:
-    """The best beam per image: generated ids (B, T), without BOS, padded with EOS after the end."""
-    config = _with(
-        config or DecodeConfig(),
-        strategy="beam",
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        num_return_sequences=1,
-    )
-    return generate(
-        model, image_tokens, config, bos_token_id=bos_token_id, eos_token_id=eos_token_id, prefix_ids=prefix_ids
-    ).sequences[:, 0]
-
-
-def _beam_search(
-    model: CaptionModel,
-    image_tokens: Tensor,
-    config: DecodeConfig,
-    *,
-    bos_token_id: int,
-    eos_token_id: int,
-    prefix_ids: Sequence[int],
-) -> Generation:
+def _beam(
+    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    generator: torch.Generator | None,
+) -> Generation:  # fmt: skip
+    """Beam search as transformers' generate(num_beams=K) does it; the best `num_return_sequences` per image."""
     images, beams = image_tokens.shape[0], config.num_beams
-    candidates = 2 * beams  # enough that `beams` of them can go on even if up to `beams` just ended
-    device = image_tokens.device
-    prompt = _prompt(bos_token_id, prefix_ids, images * beams, device)
-    prompt_length = prompt.shape[1]
+    prompt_tokens = torch.tensor(prompt, device=image_tokens.device).expand(images, -1)  # (B, P)
+    prompt_length = prompt_tokens.shape[1]
     max_length = prompt_length + config.max_new_tokens
     cache = model.start_cache(image_tokens, beams, max_length)
-    logits = model.decode_step(prompt, cache)
-
-    # Running beams and finished hypotheses, per image: (B, K, max_length) tokens and (B, K) scores.
-    running = torch.full((images, beams, max_length), eos_token_id, dtype=torch.long, device=device)
-    running[:, :, :prompt_length] = prompt.view(images, beams, -1)
-    running_logprobs = torch.zeros(images, beams, max_length, device=device)
-    running_scores = torch.zeros(images, beams, device=device)
-    running_scores[:, 1:] = _EXCLUDED  # all beams start identical: expand only the first
-    finished = running.clone()
-    finished_logprobs = running_logprobs.clone()
-    finished_scores = torch.full((images, beams), _EXCLUDED, device=device)
-    finished_lengths = torch.zeros(images, beams, dtype=torch.long, device=device)
-    is_finished = torch.zeros(images, beams, dtype=torch.bool, device=device)
-    can_improve = torch.ones(images, 1, dtype=torch.bool, device=device)
-    top_beams = torch.arange(candidates, device=device) < beams
-    image_offsets = torch.arange(images, device=device)[:, None] * beams
-
+    logits = model.decode_step(prompt_tokens.repeat_interleave(beams, dim=0), cache)
+    state = _Beams.start(prompt_tokens, beams, max_length, eos_token_id)
     for length in range(prompt_length, max_length):
-        generated = length - prompt_length
-        raw_logprobs = logits.float().log_softmax(-1)  # (B*K, V)
-        flat_tokens = running[:, :, :length].reshape(images * beams, length)
-        logprobs = _process(raw_logprobs, flat_tokens, generated, config, eos_token_id)
-        vocab = logprobs.shape[-1]
-        totals = (logprobs.view(images, beams, vocab) + running_scores[:, :, None]).view(images, beams * vocab)
-        top_scores, top_indices = totals.topk(candidates, dim=1)  # (B, 2K)
-        source_beams, top_tokens = top_indices // vocab, top_indices % vocab
-        candidate_tokens = _gather_beams(running, source_beams)
-        candidate_tokens[:, :, length] = top_tokens
-        candidate_logprobs = _gather_beams(running_logprobs, source_beams)
-        token_logprob = raw_logprobs.view(images, beams, vocab).gather(
-            1, source_beams[:, :, None].expand(-1, -1, vocab)
-        )
-        candidate_logprobs[:, :, length] = token_logprob.gather(2, top_tokens[:, :, None])[:, :, 0]
-        ends = (top_tokens == eos_token_id) | (length + 1 == max_length)  # (B, 2K)
-
-        # The best K candidates that go on.
-        keep = (top_scores + ends.float() * _EXCLUDED).topk(beams, dim=1).indices
-        running = _gather_beams(candidate_tokens, keep)
-        running_logprobs = _gather_beams(candidate_logprobs, keep)
-        running_scores = _gather_beams(top_scores + ends.float() * _EXCLUDED, keep)
-        cache.reorder((image_offsets + _gather_beams(source_beams, keep)).view(-1))
-
-        # Candidates among the top K that ended join the finished hypotheses if they beat the worst of them.
-        just_finished = ends & top_beams[None, :]
-        penalised = top_scores / float(generated + 1) ** config.length_penalty
-        full = is_finished.all(1, keepdim=True) & config.early_stopping
-        penalised = penalised + (full | ~can_improve).float() * _EXCLUDED + (~just_finished).float() * _EXCLUDED
-        merged_scores = torch.cat([finished_scores, penalised], dim=1)
-        best = merged_scores.topk(beams, dim=1).indices
-        finished = _gather_beams(torch.cat([finished, candidate_tokens], dim=1), best)
-        finished_logprobs = _gather_beams(torch.cat([finished_logprobs, candidate_logprobs], dim=1), best)
-        candidate_lengths = torch.full_like(top_tokens, generated + 1)
-        finished_lengths = _gather_beams(torch.cat([finished_lengths, candidate_lengths], dim=1), best)
-        is_finished = _gather_beams(torch.cat([is_finished, just_finished], dim=1), best)
-        finished_scores = merged_scores.gather(1, best)
-
-        can_improve &= _may_still_improve(
-            running_scores, finished_scores, is_finished, generated + 1, config.length_penalty
-        )
-        if ends.all() or not can_improve.any() or (config.early_stopping and is_finished.all()):
+        rows, done = _beam_step(state, logits, length, length - prompt_length, max_length, config, eos_token_id)
+        cache.reorder(rows)
+        if done:
             break
-        logits = model.decode_step(running[:, :, length].reshape(-1, 1), cache)
+        logits = model.decode_step(state.running[:, :, length].reshape(-1, 1), cache)
+    return _beam_finish(state, prompt_length, config.num_return_sequences, eos_token_id)
 
-    returned = config.num_return_sequences
-    lengths = finished_lengths[:, :returned]
+
+def _beam_step(
+    state: _Beams, logits: Tensor, length: int, generated: int, max_length: int, config: DecodeConfig,
+    eos_token_id: int,
+) -> tuple[Tensor, bool]:  # fmt: skip
+    """Extend every beam by one token (position `length`) from `logits` (B*K, V), updating `state` in place.
+
+    Returns the cache rows the new running beams continue, and whether the search is over.
+    """
+    images, beams = state.running_scores.shape
+    candidates = 2 * beams  # enough that `beams` of them can go on even if up to `beams` just ended
+    raw_logprobs = logits.float().log_softmax(-1)  # (B*K, V)
+    flat_tokens = state.running[:, :, :length].reshape(images * beams, length)
+    logprobs = _process(raw_logprobs, flat_tokens, generated, config, eos_token_id)
+    vocab = logprobs.shape[-1]
+    totals = (logprobs.view(images, beams, vocab) + state.running_scores[:, :, None]).view(images, beams * vocab)
+    top_scores, top_indices = totals.topk(candidates, dim=1)  # (B, 2K)
+    source_beams, top_tokens = top_indices // vocab, top_indices % vocab
+    candidate_tokens = _gather_beams(state.running, source_beams)
+    candidate_tokens[:, :, length] = top_tokens
+    candidate_logprobs = _gather_beams(state.running_logprobs, source_beams)
+    token_logprob = raw_logprobs.view(images, beams, vocab).gather(1, source_beams[:, :, None].expand(-1, -1, vocab))
+    candidate_logprobs[:, :, length] = token_logprob.gather(2, top_tokens[:, :, None])[:, :, 0]
+    ends = (top_tokens == eos_token_id) | (length + 1 == max_length)  # (B, 2K)
+
+    # The best K candidates that go on.
+    going_on = top_scores + ends.float() * _EXCLUDED
+    keep = going_on.topk(beams, dim=1).indices
+    state.running = _gather_beams(candidate_tokens, keep)
+    state.running_logprobs = _gather_beams(candidate_logprobs, keep)
+    state.running_scores = _gather_beams(going_on, keep)
+    image_offsets = torch.arange(images, device=keep.device)[:, None] * beams
+    rows = (image_offsets + _gather_beams(source_beams, keep)).view(-1)
+
+    # Candidates among the top K that ended join the finished hypotheses if they beat the worst of them.
+    top_beams = torch.arange(candidates, device=keep.device) < beams
+    just_finished = ends & top_beams[None, :]
+    penalised = top_scores / float(generated + 1) ** config.length_penalty
+    full = state.is_finished.all(1, keepdim=True) & config.early_stopping
+    penalised = penalised + (full | ~state.can_improve).float() * _EXCLUDED + (~just_finished).float() * _EXCLUDED
+    merged_scores = torch.cat([state.finished_scores, penalised], dim=1)
+    best = merged_scores.topk(beams, dim=1).indices
+    state.finished = _gather_beams(torch.cat([state.finished, candidate_tokens], dim=1), best)
+    state.finished_logprobs = _gather_beams(torch.cat([state.finished_logprobs, candidate_logprobs], dim=1), best)
+    candidate_lengths = torch.full_like(top_tokens, generated + 1)
+    state.finished_lengths = _gather_beams(torch.cat([state.finished_lengths, candidate_lengths], dim=1), best)
+    state.is_finished = _gather_beams(torch.cat([state.is_finished, just_finished], dim=1), best)
+    state.finished_scores = merged_scores.gather(1, best)
+
+    state.can_improve &= _may_still_improve(
+        state.running_scores, state.finished_scores, state.is_finished, generated + 1, config.length_penalty
+    )
+    done = bool(ends.all()) or not state.can_improve.any() or (config.early_stopping and bool(state.is_finished.all()))
+    return rows, done
+
+
+def _beam_finish(state: _Beams, prompt_length: int, returned: int, eos_token_id: int) -> Generation:
+    """The best `returned` finished hypotheses per image, without the prompt, padded with EOS after each end."""
+    lengths = state.finished_lengths[:, :returned]
     width = int(lengths.max())
-    sequences = finished[:, :returned, prompt_length : prompt_length + width]
-    token_logprobs = finished_logprobs[:, :returned, prompt_length : prompt_length + width]
-    positions = torch.arange(width, device=device)
-    after_end = positions[None, None, :] >= lengths[:, :, None]
+    sequences = state.finished[:, :returned, prompt_length : prompt_length + width]
+    token_logprobs = state.finished_logprobs[:, :returned, prompt_length : prompt_length + width]
+    after_end = torch.arange(width, device=lengths.device)[None, None, :] >= lengths[:, :, None]
     sequences = sequences.masked_fill(after_end, eos_token_id)
     token_logprobs = token_logprobs.masked_fill(after_end, 0.0)
-    return Generation(sequences, token_logprobs, lengths, finished_scores[:, :returned])
+    return Generation(sequences, token_logprobs, lengths, state.finished_scores[:, :returned])
 
 
 def _gather_beams(tensor: Tensor, indices: Tensor) -> Tensor:
@@ -339,11 +314,9 @@ def _may_still_improve(
     return (best_running > worst_finished).any(1, keepdim=True)
 
 
-# ---- entry point ----
+# ---- the entry point, and one convenience function per strategy ----
 
-
-def _with(config: DecodeConfig, **changes) -> DecodeConfig:
-    return dataclasses.replace(config, **changes)
+_STRATEGIES = {"greedy": _greedy, "sample": _sample, "beam": _beam}
 
 
 def generate(
@@ -363,32 +336,67 @@ def generate(
         prefix_ids: tokens the captions must continue (after BOS); they are not part of the output.
     """
     with torch.inference_mode():
-        if config.strategy == "beam":
-            return _beam_search(
-                model, image_tokens, config, bos_token_id=bos_token_id, eos_token_id=eos_token_id, prefix_ids=prefix_ids
-            )
-        if config.strategy == "greedy":
-            choose = lambda scores: scores.argmax(-1)  # noqa: E731
-            rows = 1
-        else:
-            choose = _sampler(config, generator)
-            rows = config.num_return_sequences
-        generation = _one_token_per_step(
-            model,
-            image_tokens,
-            config,
-            choose,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            prefix_ids=prefix_ids,
-            rows_per_image=rows,
-        )
-        if rows > 1:  # best first, like beam search
-            order = generation.scores.argsort(dim=1, descending=True)
-            generation = Generation(
-                _gather_beams(generation.sequences, order),
-                _gather_beams(generation.token_logprobs, order),
-                generation.lengths.gather(1, order),
-                generation.scores.gather(1, order),
-            )
-        return generation
+        run = _STRATEGIES[config.strategy]
+        return run(model, image_tokens, config, (bos_token_id, *prefix_ids), eos_token_id, generator)
+
+
+# The three strategies by name, over one signature: `config` (default DecodeConfig()) with `options` overriding its
+# fields, e.g. greedy(model, tokens, bos_token_id=0, eos_token_id=0, max_new_tokens=20).
+
+
+def greedy(
+    model: CaptionModel,
+    image_tokens: Tensor,
+    config: DecodeConfig | None = None,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    generator: torch.Generator | None = None,
+    prefix_ids: Sequence[int] = (),
+    **options,
+) -> Tensor:
+    """The most likely token at every step: generated ids (B, T), without BOS, padded with EOS after the end."""
+    return _run("greedy", model, image_tokens, config, bos_token_id, eos_token_id, generator, prefix_ids, options)[0]
+
+
+def beam_search(
+    model: CaptionModel,
+    image_tokens: Tensor,
+    config: DecodeConfig | None = None,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    generator: torch.Generator | None = None,
+    prefix_ids: Sequence[int] = (),
+    **options,
+) -> Tensor:
+    """The best beam per image (e.g. num_beams=3, length_penalty=1.0): ids (B, T) as `greedy`'s."""
+    return _run("beam", model, image_tokens, config, bos_token_id, eos_token_id, generator, prefix_ids, options)[0]
+
+
+def sample(
+    model: CaptionModel,
+    image_tokens: Tensor,
+    config: DecodeConfig | None = None,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    generator: torch.Generator | None = None,
+    prefix_ids: Sequence[int] = (),
+    **options,
+) -> Generation:
+    """`num_return_sequences` sampled captions per image (temperature, top-k, top-p), best first, with scores."""
+    return _run("sample", model, image_tokens, config, bos_token_id, eos_token_id, generator, prefix_ids, options)[1]
+
+
+def _run(
+    strategy: str, model: CaptionModel, image_tokens: Tensor, config: DecodeConfig | None, bos_token_id: int,
+    eos_token_id: int, generator: torch.Generator | None, prefix_ids: Sequence[int], options: dict,
+) -> tuple[Tensor, Generation]:  # fmt: skip
+    """The generation of `strategy` under `config` with `options`, and its best ids per image."""
+    config = dataclasses.replace(config or DecodeConfig(), strategy=strategy, **options)
+    generation = generate(
+        model, image_tokens, config, bos_token_id=bos_token_id, eos_token_id=eos_token_id, generator=generator,
+        prefix_ids=prefix_ids,
+    )  # fmt: skip
+    return generation.sequences[:, 0], generation

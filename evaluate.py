@@ -1,9 +1,6 @@
-"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) with pycocoevalcap, and the evaluation command.
+"""Score a model on a data split: caption every image, then BLEU-1..4, METEOR, ROUGE-L and CIDEr (metrics.py).
 
-    python evaluate.py --model captioner.pt --data ../shared/data/flickr8k --split test [--num-beams 5 ...]
-
-Scores are on pycocoevalcap's 0-1 scale, computed in one call over the whole split (never averaged over batches).
-METEOR and the PTB tokenizer run on Java; SPICE is left out (it needs downloads that do not work offline).
+python evaluate.py --model captioner.pt --data ../shared/data/flickr8k --split test [--num-beams 5 ...]
 """
 
 import argparse
@@ -11,65 +8,19 @@ import dataclasses
 import itertools
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from tqdm import tqdm
 
-from captioner import DEFAULT_MODEL, Captioner, add_model_arguments
+from captioner import DEFAULT_MODEL
 from checkpoint import CheckpointError, update_metadata
-from config import DecodeConfig, add_arguments, given_arguments
+from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
+from config import DecodeConfig
 from data import DataError, load_split
 from images import ImageError, load_each
-
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-class JavaMissingError(RuntimeError):
-    pass
-
-
-def require_java() -> None:
-    if shutil.which("java") is None:
-        raise JavaMissingError(
-            "METEOR and the PTB tokenizer (pycocoevalcap) need Java, which is not on PATH: "
-            "install a Java runtime, e.g. `apt-get install default-jre-headless` (Debian, Ubuntu) "
-            "or `brew install openjdk` (macOS)"
-        )
-
-
-def score_captions(references: dict[str, list[str]], candidates: dict[str, str]) -> dict[str, float]:
-    """Corpus-level metrics of one candidate per image against that image's references."""
-    if set(references) != set(candidates):
-        raise ValueError("references and candidates must cover the same images")
-    if not candidates:
-        raise ValueError("no captions to score")
-    require_java()
-    tokenizer = PTBTokenizer()
-    refs = tokenizer.tokenize({key: [{"caption": text} for text in texts] for key, texts in references.items()})
-    hyps = tokenizer.tokenize({key: [{"caption": text}] for key, text in candidates.items()})
-    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
-    scores = {f"BLEU-{n}": float(value) for n, value in enumerate(bleu, start=1)}
-    scores["METEOR"] = float(Meteor().compute_score(refs, hyps)[0])  # its Java process ends with the object
-    scores["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
-    scores["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
-    return scores
-
-
-def distinct_ratio(captions: Sequence[str]) -> float:
-    """Distinct captions / images: low values mean the model collapsed to a few generic captions."""
-    return len(set(captions)) / max(1, len(captions))
-
-
-def format_metrics(scores: dict[str, float]) -> str:
-    return "  ".join(f"{name} {scores[name]:.3f}" for name in METRICS if name in scores)
+from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
 
 
 def _sweep_values(text: str) -> tuple[str, list]:
@@ -116,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = load_split(arguments.data, arguments.split)
         if arguments.limit:
             items = items[: arguments.limit]
-        captioner = Captioner.from_arguments(arguments)
+        captioner = load_captioner(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

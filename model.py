@@ -8,14 +8,11 @@
       -> LM head tied to the token embedding                                              (B, T, vocab)
 
 The decoder blocks have the same structure as transformers' `GPT2Block(add_cross_attention=True)`, so GPT-2 weights
-map onto them one to one (`load_gpt2_weights`, `gpt2_state_dict`). This module maps tensors to tensors: no
-tokenizer, no PIL, and file access only in the two pretrained-weight loaders.
+map onto them one to one (pretrained.py). This module maps tensors to tensors: no file access, tokenizer or PIL.
 """
 
 import dataclasses
-import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,28 +26,26 @@ import torchvision_fix  # noqa: F401  (must run before timm and transformers imp
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
-from config import PRESETS, ModelConfig
+from config import ModelConfig
 
-logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # label of positions that carry no loss (padding)
 
 
 class ImageEncoder(nn.Module):
     """A timm Vision Transformer returning all its output tokens (class/register tokens, then patches).
 
     `forward` equals timm's `forward_features`. It is split into `stem`, `blocks` and `head` so that training with
-    frozen early blocks can cache the tokens after them and run only the rest.
+    frozen early blocks can cache the tokens after them and run only the rest. Which parameters the last blocks own
+    is decided here alone (`trainable_parameters`, `frozen_state`), for the optimizer and the feature cache alike.
+    Pretrained weights are loaded by pretrained.py.
     """
 
-    def __init__(self, name: str, image_size: int, *, pretrained: bool = False, weights_file: str | None = None):
+    def __init__(self, name: str, image_size: int):
         super().__init__()
-        options: dict = {"num_classes": 0, "img_size": image_size}
-        if weights_file is not None:
-            # timm's own loader reads the file, drops the classifier and resamples position embeddings.
-            options["pretrained_cfg_overlay"] = {"file": os.fspath(weights_file)}
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}")
         try:
-            self.vit = timm.create_model(name, pretrained=pretrained or weights_file is not None, **options)
+            self.vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
         except TypeError as error:  # architectures without `img_size`
             raise ValueError(f"encoder {name!r} is not a timm VisionTransformer ({error})") from error
         if not isinstance(self.vit, VisionTransformer):
@@ -68,6 +63,31 @@ class ImageEncoder(nn.Module):
         """The preprocessing the encoder's weights expect (mean, std, interpolation), from timm."""
         return timm.data.resolve_model_data_config(self.vit)
 
+    def _last_blocks_and_head(self, count: int) -> list[nn.Module]:
+        """The modules after the first `depth - count` blocks: the last `count` blocks and the final norms."""
+        if not 0 <= count <= self.depth:
+            raise ValueError(f"the encoder has {self.depth} blocks; cannot train the last {count}")
+        return [*self.vit.blocks[self.depth - count :], self.vit.norm, self.vit.fc_norm, self.vit.head]
+
+    def trainable_parameters(self, last_blocks: int) -> list[nn.Parameter]:
+        """The parameters that training the last `last_blocks` blocks updates (with the final norm)."""
+        if last_blocks == 0:
+            return []
+        return [p for module in self._last_blocks_and_head(last_blocks) for p in module.parameters()]
+
+    def set_trainable(self, last_blocks: int) -> None:
+        """Freeze the encoder except its last `last_blocks` blocks and final norm (0: all frozen)."""
+        trainable = {id(p) for p in self.trainable_parameters(last_blocks)}
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) in trainable)
+
+    def frozen_state(self, frozen_blocks: int) -> dict[str, Tensor]:
+        """The tensors that determine the tokens after the first `frozen_blocks` blocks, by state-dict name."""
+        later = {
+            id(p) for module in self._last_blocks_and_head(self.depth - frozen_blocks) for p in module.parameters()
+        }
+        return {name: t for name, t in self.state_dict(keep_vars=True).items() if id(t) not in later}
+
     def stem(self, pixel_values: Tensor) -> Tensor:
         vit = self.vit
         tokens = vit.patch_embed(pixel_values)  # (B, N_patches, C_img)
@@ -82,8 +102,10 @@ class ImageEncoder(nn.Module):
     def head(self, tokens: Tensor) -> Tensor:
         return self.vit.norm(tokens)
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.head(self.blocks(self.stem(pixel_values)))
+    def forward(self, pixel_values: Tensor, start_block: int = 0) -> Tensor:
+        """All output tokens from pixels, or (`start_block` > 0) from the tokens after that many blocks."""
+        tokens = self.stem(pixel_values) if start_block == 0 else pixel_values
+        return self.head(self.blocks(tokens, start_block))
 
 
 class Bridge(nn.Module):
@@ -325,11 +347,9 @@ class TextDecoder(nn.Module):
 class CaptionModel(nn.Module):
     """Image encoder, bridge and text decoder; logits are tied to the token embedding."""
 
-    def __init__(self, config: ModelConfig, *, encoder_pretrained: bool = False, encoder_weights: str | None = None):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.encoder = ImageEncoder(
-            config.encoder, config.image_size, pretrained=encoder_pretrained, weights_file=encoder_weights
-        )
+        self.encoder = ImageEncoder(config.encoder, config.image_size)
         data = self.encoder.data_config()
         self.config = dataclasses.replace(
             config,
@@ -352,58 +372,14 @@ class CaptionModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_parts(
-        cls,
-        encoder: str,
-        decoder: str | os.PathLike | None,
-        *,
-        encoder_pretrained: bool,
-        encoder_weights: str | os.PathLike | None = None,
-        image_size: int = 224,
-        base: ModelConfig | None = None,
-        vocab_size: int | None = None,
-    ) -> "CaptionModel":
-        """Assemble a model from a timm encoder and a GPT-2 decoder.
+    def encode(self, images: Tensor, start_block: int = 0) -> Tensor:
+        """Image tokens at the decoder width, (B, N, C).
 
         Args:
-            encoder: a timm VisionTransformer name.
-            decoder: a GPT-2 hub id or a local directory saved with `save_pretrained`, whose sizes and weights
-                (cross-attention included, when present) are loaded; None for a fresh decoder sized like `base`.
-            encoder_pretrained: load the encoder's pretrained weights from the hub through timm.
-            encoder_weights: a local `.safetensors`/`.pth` state dict for the encoder instead of the hub.
-            image_size: input resolution; position embeddings are resampled to it.
-            base: decoder sizes and dropout for a fresh decoder (default: the `small` preset).
-            vocab_size: the fresh decoder's vocabulary size (that of its tokenizer).
+            images: pixels (B, 3, H, W) normalised for the encoder, or, with `start_block` > 0, the encoder's tokens
+                after its first `start_block` blocks (a training feature cache).
         """
-        base = base or PRESETS["small"]
-        config = dataclasses.replace(base, encoder=encoder, image_size=image_size)
-        gpt2 = None
-        if decoder is not None:
-            gpt2 = _load_gpt2_checkpoint(decoder)
-            config = dataclasses.replace(config, **_gpt2_sizes(gpt2.config))
-        elif vocab_size is not None:
-            config = dataclasses.replace(config, vocab_size=vocab_size)
-        model = cls(
-            config,
-            encoder_pretrained=encoder_pretrained,
-            encoder_weights=None if encoder_weights is None else os.fspath(encoder_weights),
-        )
-        if encoder_pretrained or encoder_weights is not None:
-            source = encoder_weights or f"the hub's {encoder}"
-            logger.info("encoder: all %d tensors loaded from %s", len(model.encoder.state_dict()), source)
-        if gpt2 is not None:
-            report = load_gpt2_weights(model, gpt2.state_dict())
-            logger.info("decoder from %s: %s", os.fspath(decoder), report.summary())
-        return model
-
-    def encode(self, pixel_values: Tensor) -> Tensor:
-        """Image tokens at the decoder width, (B, N, C), from pixels (B, 3, H, W) normalised for the encoder."""
-        return self.bridge(self.encoder(pixel_values))
-
-    def encode_from_block(self, hidden: Tensor, block: int) -> Tensor:
-        """`encode`, resumed from the encoder tokens after its first `block` blocks (e.g. a training cache)."""
-        return self.bridge(self.encoder.head(self.encoder.blocks(hidden, block)))
+        return self.bridge(self.encoder(images, start_block))
 
     def decode(self, input_ids: Tensor, image_tokens: Tensor, record: list[Tensor] | None = None) -> Tensor:
         """Next-token logits (B, T, vocab) for `input_ids` (B, T) given image tokens (B_img, N, C), without cache.
@@ -414,11 +390,42 @@ class CaptionModel(nn.Module):
         image_keys, image_values = self.decoder.image_keys_values(image_tokens)
         return self.logits(self.decoder(input_ids, image_keys, image_values, record=record))
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
-        return self.decode(input_ids, self.encode(pixel_values))
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        start_block: int = 0,
+        label_smoothing: float = 0.0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and, given `targets` (B, T), the mean token cross-entropy (IGNORE_INDEX: no loss).
+
+        `images` and `start_block` as in `encode`; B may be a multiple of the number of images, as in `decode`.
+        """
+        logits = self.decode(input_ids, self.encode(images, start_block))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+        )
+        return logits, loss
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.decoder.wte.weight)  # the LM head is the token embedding, transposed
+
+    def patch_attention(self, input_ids: Tensor, image_tokens: Tensor) -> Tensor:
+        """Where in the image each position looked: (B, T, grid_h, grid_w), summing to 1 over the patch grid.
+
+        The cross-attention weights predicting position t's next token, averaged over layers and heads, over the
+        patch tokens only (class/register tokens dropped) and renormalised.
+        """
+        record: list[Tensor] = []
+        self.decode(input_ids, image_tokens, record=record)
+        weights = torch.stack(record).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
+        patches = weights[:, :, self.bridge.prefix_tokens :]
+        patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+        return patches.unflatten(-1, self.bridge.output_grid)  # (B, T, gh, gw)
 
     def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
         """An empty cache for `rows_per_image` captions of each image, up to `max_length` tokens each."""
@@ -434,168 +441,3 @@ class CaptionModel(nn.Module):
         """Logits (B, vocab) for the token after `input_ids` (B, T), which continue what `cache` holds."""
         hidden = self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache)
         return self.logits(hidden[:, -1])
-
-
-# ---- GPT-2 weights: transformers' GPT2LMHeadModel names <-> ours ----
-
-# "{}" is the layer index. None marks tensors deliberately not copied.
-_GPT2_NAMES: dict[str, str | None] = {
-    "transformer.wte.weight": "decoder.wte.weight",
-    "transformer.wpe.weight": "decoder.wpe.weight",
-    "transformer.ln_f.weight": "decoder.ln_f.weight",
-    "transformer.ln_f.bias": "decoder.ln_f.bias",
-    "lm_head.weight": None,  # tied to wte; checked equal on load
-}
-_GPT2_LAYER_NAMES: dict[str, str | None] = {
-    "ln_1.weight": "ln_1.weight",
-    "ln_1.bias": "ln_1.bias",
-    "attn.c_attn.weight": "attn.c_attn.weight",
-    "attn.c_attn.bias": "attn.c_attn.bias",
-    "attn.c_proj.weight": "attn.c_proj.weight",
-    "attn.c_proj.bias": "attn.c_proj.bias",
-    "attn.bias": None,  # causal-mask buffer of older transformers versions
-    "attn.masked_bias": None,
-    "ln_cross_attn.weight": "ln_cross.weight",
-    "ln_cross_attn.bias": "ln_cross.bias",
-    "crossattention.q_attn.weight": "cross_attn.q_attn.weight",
-    "crossattention.q_attn.bias": "cross_attn.q_attn.bias",
-    "crossattention.c_attn.weight": "cross_attn.c_attn.weight",
-    "crossattention.c_attn.bias": "cross_attn.c_attn.bias",
-    "crossattention.c_proj.weight": "cross_attn.c_proj.weight",
-    "crossattention.c_proj.bias": "cross_attn.c_proj.bias",
-    "crossattention.bias": None,
-    "crossattention.masked_bias": None,
-    "ln_2.weight": "ln_2.weight",
-    "ln_2.bias": "ln_2.bias",
-    "mlp.c_fc.weight": "mlp.c_fc.weight",
-    "mlp.c_fc.bias": "mlp.c_fc.bias",
-    "mlp.c_proj.weight": "mlp.c_proj.weight",
-    "mlp.c_proj.bias": "mlp.c_proj.bias",
-}
-# GPT-2's Conv1D stores weights as (in, out); nn.Linear as (out, in).
-_GPT2_CONV1D = frozenset(
-    {
-        "attn.c_attn.weight",
-        "attn.c_proj.weight",
-        "crossattention.q_attn.weight",
-        "crossattention.c_attn.weight",
-        "crossattention.c_proj.weight",
-        "mlp.c_fc.weight",
-        "mlp.c_proj.weight",
-    }
-)
-# The GPT-2 layer tensors that exist only where the checkpoint was made with add_cross_attention=True.
-_GPT2_CROSS_ATTENTION = frozenset(
-    name for name in _GPT2_LAYER_NAMES if name.startswith(("ln_cross_attn.", "crossattention."))
-)
-
-
-def _gpt2_name_map(n_layer: int) -> dict[str, tuple[str | None, bool]]:
-    """GPT-2 name -> (our name or None, whether the tensor is transposed), for every layer."""
-    names = {source: (target, False) for source, target in _GPT2_NAMES.items()}
-    for layer in range(n_layer):
-        for source, target in _GPT2_LAYER_NAMES.items():
-            ours = None if target is None else f"decoder.h.{layer}.{target}"
-            names[f"transformer.h.{layer}.{source}"] = (ours, source in _GPT2_CONV1D)
-    return names
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    loaded: tuple[str, ...]
-    initialised: tuple[str, ...]  # decoder tensors the source did not have (cross-attention)
-    skipped: tuple[str, ...]  # source tensors deliberately not copied
-
-    def summary(self) -> str:
-        return (
-            f"{len(self.loaded)} tensors loaded, {len(self.initialised)} newly initialised (cross-attention), "
-            f"{len(self.skipped)} skipped (tied or buffers)"
-        )
-
-
-def load_gpt2_weights(model: CaptionModel, gpt2_state: dict[str, Tensor]) -> LoadReport:
-    """Copy a transformers GPT2LMHeadModel state dict into `model`'s decoder.
-
-    Every decoder tensor must be loaded, or be a cross-attention tensor absent from the source (then it keeps its
-    fresh initialisation). Unknown source tensors, shape mismatches and missing tensors raise ValueError.
-    """
-    names = _gpt2_name_map(model.config.n_layer)
-    unknown = sorted(set(gpt2_state) - set(names))
-    if unknown:
-        raise ValueError(f"unexpected tensors in the GPT-2 checkpoint: {', '.join(unknown[:5])}")
-    ours = dict(model.named_parameters())
-    loaded, skipped = [], []
-    with torch.no_grad():
-        for source, tensor in gpt2_state.items():
-            target, transposed = names[source]
-            if target is None:
-                skipped.append(source)
-                continue
-            value = tensor.t() if transposed else tensor
-            if value.shape != ours[target].shape:
-                expected = tuple(ours[target].shape)
-                raise ValueError(f"{source}: shape {tuple(value.shape)} does not fit {target} {expected}")
-            ours[target].copy_(value)
-            loaded.append(target)
-    if "lm_head.weight" in gpt2_state and not torch.equal(gpt2_state["lm_head.weight"], ours["decoder.wte.weight"]):
-        raise ValueError("the GPT-2 checkpoint's lm_head is not tied to its token embedding")
-    cross_attention = {
-        target for source, (target, _) in names.items() if source.split(".", 3)[-1] in _GPT2_CROSS_ATTENTION
-    }
-    not_loaded = sorted(name for name in ours if name.startswith("decoder.") and name not in loaded)
-    unexpected_gaps = [name for name in not_loaded if name not in cross_attention]
-    if unexpected_gaps:
-        raise ValueError(f"the GPT-2 checkpoint lacks tensors: {', '.join(unexpected_gaps[:5])}")
-    return LoadReport(tuple(loaded), tuple(not_loaded), tuple(skipped))
-
-
-def gpt2_state_dict(model: CaptionModel) -> dict[str, Tensor]:
-    """The decoder's weights under transformers' GPT2LMHeadModel(add_cross_attention=True) names."""
-    ours = dict(model.named_parameters())
-    state = {}
-    for source, (target, transposed) in _gpt2_name_map(model.config.n_layer).items():
-        if target is not None:
-            state[source] = ours[target].detach().t() if transposed else ours[target].detach()
-    state["lm_head.weight"] = ours["decoder.wte.weight"].detach()
-    return state
-
-
-def to_gpt2(model: CaptionModel, *, bos_token_id: int, eos_token_id: int):
-    """A transformers GPT2LMHeadModel(add_cross_attention=True) with the decoder's weights: what
-    VisionEncoderDecoderModel runs, for side-by-side comparison. It takes `model.encode`'s tokens as
-    `encoder_hidden_states`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = model.config
-    config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        layer_norm_epsilon=c.layer_norm_epsilon, add_cross_attention=True, bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-    )  # fmt: skip
-    reference = GPT2LMHeadModel(config).eval()
-    reference.load_state_dict(gpt2_state_dict(model), strict=True)
-    return reference
-
-
-def _load_gpt2_checkpoint(source: str | os.PathLike):
-    """A transformers GPT2LMHeadModel from a hub id or a local `save_pretrained` directory (one code path)."""
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(os.fspath(source))
-
-
-def _gpt2_sizes(gpt2_config) -> dict:
-    """Our config fields from a transformers GPT2Config, refusing variants our blocks do not implement."""
-    if gpt2_config.activation_function != "gelu_new":
-        raise ValueError(f"GPT-2 activation {gpt2_config.activation_function!r} is not supported (gelu_new only)")
-    if not gpt2_config.scale_attn_weights or gpt2_config.scale_attn_by_inverse_layer_idx:
-        raise ValueError("GPT-2 attention scaling other than 1/sqrt(head size) is not supported")
-    return {
-        "n_layer": gpt2_config.n_layer,
-        "n_head": gpt2_config.n_head,
-        "n_embd": gpt2_config.n_embd,
-        "vocab_size": gpt2_config.vocab_size,
-        "n_positions": gpt2_config.n_positions,
-        "layer_norm_epsilon": gpt2_config.layer_norm_epsilon,
-        "dropout": gpt2_config.resid_pdrop,
-    }

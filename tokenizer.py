@@ -45,6 +45,21 @@ class CaptionTokenizer:
             ids = ids[: ids.index(self.eos_token_id)]
         return self.backend.decode(ids, skip_special_tokens=True).strip()
 
+    def words(self, ids: Sequence[int]) -> tuple[list[str], list[list[int]]]:
+        """The words of `ids` and, for each, the positions of its tokens: a token whose text starts with a space
+        begins a new word."""
+        words: list[str] = []
+        groups: list[list[int]] = []
+        for position, token_id in enumerate(ids):
+            piece = self.backend.decode([token_id])
+            if not groups or piece.startswith(" "):
+                words.append(piece.strip())
+                groups.append([position])
+            else:
+                words[-1] += piece
+                groups[-1].append(position)
+        return words, groups
+
     def to_json(self) -> str:
         return self.backend.to_str()
 

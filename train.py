@@ -2,15 +2,14 @@
 
     python train.py --data ../shared/data/flickr8k \
         --encoder-weights ../shared/weights/dinov2-vit-small-patch14/model.safetensors
-    python train.py --out-dir runs/small --resume            # after a crash or kill: continues exactly
+    python train.py --data ../shared/data/flickr8k --out-dir runs/small --resume   # after a kill: continues exactly
     torchrun --nproc_per_node=2 train.py ...                 # several processes (GPUs: NCCL; CPU: gloo)
 
-The loop: build or resume, then per step: batch, loss, backward, clip, optimizer, learning rate; a log line every
-`log_every` steps, `last.pt` every `checkpoint_every` steps, and at each epoch's end validation loss, caption
-metrics on the validation split, sample captions, `best.pt` (by CIDEr) and a metrics.csv row.
-
-When the encoder's first blocks are frozen, their output tokens are computed once per image and cached on disk
-(data.FeatureCache), so each epoch runs only the trainable blocks.
+It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, then the loop. Each
+step samples a batch, computes the loss, and takes an optimizer step; each epoch ends with validation (loss, caption
+metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`. `last.pt` is also saved every
+`checkpoint_every` steps. When the encoder's first blocks are frozen, their output tokens are computed once per
+image and cached on disk (features.FeatureCache), so each epoch runs only the trainable blocks.
 """
 
 import argparse
@@ -25,27 +24,37 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from captioner import Captioner, EncodedImages
-from checkpoint import CheckpointError, checkpoint_dict, load_captioner, load_torch, save_torch
-from config import PRESETS, DecodeConfig, TrainConfig, add_arguments, from_arguments
-from data import CaptionedImage, DataError, FeatureCache, load_captions
-from evaluate import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
+from checkpoint import (
+    CheckpointError,
+    TrainingState,
+    load_captioner,
+    load_training_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from cli import add_arguments, from_arguments
+from config import PRESETS, DecodeConfig, TrainConfig
+from data import CaptionedImage, DataError, load_captions
+from devices import autocast_dtype, default_device
+from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
-from model import CaptionModel
+from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
+from model import IGNORE_INDEX, CaptionModel
+from pretrained import from_parts
 from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_tokenizer
 
 logger = logging.getLogger("train")
 
-IGNORE_INDEX = -100
 # Changing these between a run and its resumption would silently change what is being trained.
 RESUME_MUST_MATCH = (
     "data", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd", "dropout",
@@ -57,6 +66,150 @@ RESUME_MUST_MATCH = (
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
+def train(config: TrainConfig) -> dict:
+    """Run training as configured; returns the last epoch's metrics. Rank 0 alone writes files and logs."""
+    rank, world, device = setup_distributed(config)
+    out_dir = Path(config.out_dir)
+    is_main = rank == 0
+    _setup_logging(out_dir, is_main)
+    logger.info("config: %s", config)
+
+    # ---- data ----
+    splits = load_captions(config.data)
+    for split in ("train", "val"):
+        if not splits.get(split):
+            found = ", ".join(f"{name} ({len(items)})" for name, items in sorted(splits.items())) or "none"
+            raise DataError(f"{config.data}: no '{split}' split with captions (found: {found})")
+
+    # ---- model: new, fine-tuned from a model file, or resumed ----
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    state = None
+    if config.resume:
+        model, tokenizer, state = load_training_checkpoint(last_path)
+        check_resumable(state.config, config, last_path)
+    elif config.init_from:
+        model, tokenizer, _ = load_captioner(config.init_from)
+    else:
+        if last_path.exists():
+            raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
+        torch.manual_seed(config.seed)
+        model, tokenizer = build_new(config, splits["train"])
+    model.to(device).train()
+    if config.unfreeze_blocks > model.encoder.depth:
+        raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
+    train_data = CaptionData(splits["train"], model, tokenizer, config, flip=config.flip)
+    val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
+
+    # ---- optimizer and schedule ----
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
+    )
+    images_per_step = config.batch_size * world * config.grad_accum
+    steps_per_epoch = len(train_data) // images_per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_data)} training images is fewer than one step's {images_per_step}")
+    total_steps = steps_per_epoch * config.epochs  # the learning-rate schedule's length
+    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    if state is None:
+        state = TrainingState(optimizer={}, step=0, config=asdict(config), rng={})
+    else:
+        optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng)
+        logger.info("resumed %s at step %d (epoch %d)", last_path, state.step, state.step // steps_per_epoch)
+    dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    logger.info(
+        "%d train images (%d skipped), %d val images, %d steps per epoch, %d steps, precision %s, %s",
+        len(train_data), train_data.skipped, len(val_data), steps_per_epoch, total_steps, dtype or "float32",
+        f"cached encoder tokens after block {train_data.start_block}" if train_data.start_block
+        else "images read every step",
+    )  # fmt: skip
+
+    def save(path: Path, metrics: dict) -> None:
+        state.optimizer, state.rng = optimizer.state_dict(), rng_state()
+        metadata = {"trained_on": config.data, "metrics": metrics, "step": state.step}
+        save_training_checkpoint(path, model, tokenizer, metadata, state)
+
+    # ---- the loop ----
+    board = _tensorboard(out_dir) if is_main else None
+    runner, encoder_training = None, None
+    progress, epoch_started, step_times, losses = None, time.perf_counter(), [], []
+    while state.step < stop_step:
+        epoch, position = divmod(state.step, steps_per_epoch)
+        wanted = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
+        if runner is None or wanted != encoder_training:
+            encoder_training = wanted
+            model.encoder.set_trainable(config.unfreeze_blocks if encoder_training else 0)
+            runner = model if world == 1 else _distributed(model, device)
+        if progress is None:
+            progress = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", disable=not is_main)
+            epoch_started = time.perf_counter()
+        started = time.perf_counter()
+
+        # One optimizer step: its micro-batches' gradients, then clip, learning rate, update.
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+        step_random = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step)  # this step's data choices
+        for micro in range(config.grad_accum):
+            first = (position * config.grad_accum + micro) * config.batch_size * world + rank * config.batch_size
+            batch = train_data.batch(order[first : first + config.batch_size].tolist(), step_random, device)
+            last_micro = micro == config.grad_accum - 1
+            with contextlib.nullcontext() if world == 1 or last_micro else runner.no_sync():
+                loss = batch_loss(runner, batch, dtype, device, config.label_smoothing)
+            scaler.scale(loss / config.grad_accum).backward()
+            losses.append(loss.item())
+        grad_norm = optimizer_step(optimizer, scaler, lr_at(state.step, config, total_steps), config.grad_clip)
+        state.step += 1
+        step_times.append(time.perf_counter() - started)
+        progress.update(1)
+
+        if state.step % config.log_every == 0 and is_main:
+            seconds, mean_loss = sum(step_times) / len(step_times), sum(losses) / len(losses)
+            current_lr = lr_at(state.step - 1, config, total_steps)
+            logger.info(
+                "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s",
+                state.step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
+            )  # fmt: skip
+            _board(board, {"train/loss": mean_loss, "train/lr": current_lr}, state.step)
+            step_times, losses = [], []
+        epoch_done = state.step % steps_per_epoch == 0
+        if is_main and (state.step % config.checkpoint_every == 0 or (state.step == stop_step and not epoch_done)):
+            save(last_path, state.history[-1] if state.history else {})
+        if not epoch_done:
+            continue
+
+        # End of an epoch: validate, keep the best, record, save.
+        progress.close()
+        progress = None
+        metrics = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            "epoch_seconds": round(time.perf_counter() - epoch_started, 1),
+        }
+        if is_main:
+            if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == total_steps):
+                metrics |= validate(model, tokenizer, val_data, config, device, dtype)
+                score = metrics.get("CIDEr", -metrics["val_loss"])
+                if score > state.best_cider:
+                    state.best_cider = score
+                    save(best_path, metrics)
+            state.history.append(metrics)
+            logger.info("epoch %d done in %.0f s: %s", epoch + 1, metrics["epoch_seconds"], metrics)
+            _append_csv(out_dir / "metrics.csv", metrics)
+            _board(board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
+            save(last_path, metrics)
+        model.train()
+        if world > 1:
+            dist.barrier()
+    if board is not None:
+        board.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return state.history[-1] if state.history else {}
+
+
+# ---- the pieces of a step ----
+
+
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps`."""
     if step < config.warmup_steps:
@@ -65,7 +218,9 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def caption_targets(token_lists: Sequence[Sequence[int]], tokenizer: CaptionTokenizer, max_tokens: int):
+def caption_targets(
+    token_lists: Sequence[Sequence[int]], tokenizer: CaptionTokenizer, max_tokens: int
+) -> tuple[Tensor, Tensor]:
     """Decoder inputs and labels, the one place where labels are shifted.
 
     Each caption becomes [BOS] tokens [EOS]; the inputs drop the last position and the labels the first, so the
@@ -82,60 +237,74 @@ def caption_targets(token_lists: Sequence[Sequence[int]], tokenizer: CaptionToke
     return input_ids, labels
 
 
-def caption_loss(
-    model: CaptionModel, image_tokens: Tensor, input_ids: Tensor, labels: Tensor, label_smoothing: float = 0.0,
-    reduction: str = "mean",
-) -> Tensor:  # fmt: skip
-    """Token cross-entropy of captions given image tokens (B_img, N, C); rows are grouped by image."""
-    logits = model.decode(input_ids, image_tokens)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
-        reduction=reduction,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Batch:
+    """Encoder inputs for some images and `captions_per_image` captions of each, rows grouped by image."""
+
+    images: Tensor  # pixels (B, 3, H, W), or cached encoder tokens (B, N, C_img) after `start_block` blocks
+    start_block: int
+    input_ids: Tensor  # (B * captions_per_image, T)
+    labels: Tensor  # (B * captions_per_image, T)
 
 
-def encode_batch(model: CaptionModel, images: Tensor, start_block: int) -> Tensor:
-    """Image tokens from pixels, or from cached encoder tokens after `start_block` blocks."""
-    return model.encode_from_block(images, start_block) if start_block else model.encode(images)
+def batch_loss(
+    model: nn.Module, batch: Batch, dtype: torch.dtype | None, device: torch.device, label_smoothing: float = 0.0
+) -> Tensor:
+    """The mean token cross-entropy of a batch, under autocast to `dtype` (None: float32); training and
+    validation both use it. `model` is the CaptionModel or its DistributedDataParallel wrapper."""
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        _, loss = model(
+            batch.images, batch.input_ids, batch.labels, start_block=batch.start_block, label_smoothing=label_smoothing
+        )
+    return loss
 
 
-class CaptionLoss(nn.Module):
-    """Encode, decode, cross-entropy: the module that DistributedDataParallel wraps."""
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float, grad_clip: float
+) -> float:
+    """Set the learning rate (scaled per group), clip the gradient norm, update, and clear; returns the norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    scaler.unscale_(optimizer)
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip or float("inf")))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
-    def __init__(self, model: CaptionModel, start_block: int):
-        super().__init__()
-        self.model = model
-        self.start_block = start_block
 
-    def forward(self, images: Tensor, input_ids: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        image_tokens = encode_batch(self.model, images, self.start_block)
-        return caption_loss(self.model, image_tokens, input_ids, labels, label_smoothing)
+# ---- data: images (cached or read each step) with their tokenised captions ----
 
 
-# ---- images, cached or read each step ----
+class CaptionData:
+    """A split's usable images, their encoder inputs and their tokenised captions, served as `Batch`es.
 
-
-class ImageSource:
-    """Encoder inputs for images by index: cached tokens after the frozen blocks, or pixels read from disk.
-
+    Encoder inputs are the cached tokens after the frozen blocks where there is a cache, else pixels read from disk.
     Unreadable images are found before training starts (by the cache fill, or by one decoding pass), logged with a
     count, and left out, so an epoch never stops on a bad file.
     """
 
-    def __init__(self, items: list[CaptionedImage], model: CaptionModel, config: TrainConfig, frozen: int):
-        self.start_block = 0
+    def __init__(
+        self, items: list[CaptionedImage], model: CaptionModel, tokenizer: CaptionTokenizer, config: TrainConfig,
+        *, flip: bool,
+    ):  # fmt: skip
+        self.tokenizer = tokenizer
+        self.captions_per_image = config.captions_per_image
+        self.max_tokens = min(config.max_caption_tokens, model.config.n_positions - 1)  # BOS + caption must fit
         self.transform = ImageTransform.for_model(model.config)
         self.pool = ThreadPoolExecutor(config.workers)
-        self.tokens = self.flipped = None
+        self.start_block, self.tokens, self.flipped = 0, None, None
+        frozen = model.encoder.depth - config.unfreeze_blocks
         cached = frozen if config.cache_blocks is None else config.cache_blocks
         if cached > frozen:
             raise ValueError(f"cache_blocks={cached} exceeds the {frozen} frozen encoder blocks")
         if config.cache_dir and cached > 0:
             cache = FeatureCache(os.path.expanduser(config.cache_dir), model, cached)
-            usable = cache.fill(items, flips=config.flip)
+            usable = cache.fill(items, flips=flip)
             self.items = [items[index] for index in usable]
             self.tokens = cache.load(self.items)
-            self.flipped = cache.load(self.items, "flipped") if config.flip else None
+            self.flipped = cache.load(self.items, "flipped") if flip else None
             self.start_block = cached
         else:
             readable = list(self.pool.map(_readable, [item.image for item in items]))
@@ -143,16 +312,34 @@ class ImageSource:
         self.skipped = len(items) - len(self.items)
         if self.skipped:
             logger.warning("%d of %d images unreadable and left out (see the warnings above)", self.skipped, len(items))
+        self.caption_tokens = [[tokenizer.encode(caption) for caption in item.captions] for item in self.items]
+        self.flippable = [flip and not any(_MENTIONS_SIDE.search(c) for c in item.captions) for item in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def get(self, indices: Sequence[int], flips: Sequence[bool], device: torch.device) -> Tensor:
+    def batch(self, indices: Sequence[int], random: torch.Generator | None, device: torch.device) -> Batch:
+        """Images `indices` with `captions_per_image` captions each (cycled where an image has fewer). With
+        `random`: a random first caption and random mirroring; without: the first captions, unmirrored."""
+        flips = [
+            self.flippable[i] and random is not None and bool(torch.rand(1, generator=random) < 0.5) for i in indices
+        ]
+        captions = []
+        for index in indices:
+            choices = self.caption_tokens[index]
+            start = int(torch.randint(len(choices), (1,), generator=random)) if random is not None else 0
+            captions += [choices[(start + k) % len(choices)] for k in range(self.captions_per_image)]
+        input_ids, labels = caption_targets(captions, self.tokenizer, self.max_tokens)
+        return Batch(
+            self.encoder_inputs(indices, flips).to(device), self.start_block, input_ids.to(device), labels.to(device)
+        )
+
+    def encoder_inputs(self, indices: Sequence[int], flips: Sequence[bool]) -> Tensor:
         if self.tokens is not None:
             rows = [(self.flipped if flip else self.tokens)[index] for index, flip in zip(indices, flips, strict=True)]
-            return torch.stack(rows).to(device, torch.float32)
+            return torch.stack(rows).float()
         pictures = list(self.pool.map(load_image, [self.items[index].image for index in indices]))
-        return self.transform(pictures, flip=list(flips)).to(device)
+        return self.transform(pictures, flip=list(flips))
 
 
 def _readable(path: Path) -> bool:
@@ -164,7 +351,7 @@ def _readable(path: Path) -> bool:
         return False
 
 
-# ---- building, resuming, checkpoints ----
+# ---- building, resuming, optimizing ----
 
 
 def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[CaptionModel, CaptionTokenizer]:
@@ -176,7 +363,7 @@ def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[C
     else:
         captions = [caption for item in train_items for caption in item.captions]
         tokenizer = train_caption_tokenizer(captions, config.vocab_size or preset.vocab_size)
-    model = CaptionModel.from_parts(
+    model = from_parts(
         base.encoder,
         config.decoder or None,
         encoder_pretrained=config.encoder_pretrained,
@@ -205,73 +392,32 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
 
 def parameter_groups(model: CaptionModel, config: TrainConfig) -> list[dict]:
     """AdamW groups: matrices decay, biases and norms do not; the encoder's trainable blocks learn slower."""
-    encoder_trainable = set()
-    if config.unfreeze_blocks:
-        depth = model.encoder.depth
-        blocks = model.encoder.vit.blocks[depth - config.unfreeze_blocks :]
-        encoder_trainable = {id(p) for p in blocks.parameters()} | {id(p) for p in model.encoder.vit.norm.parameters()}
+    encoder = {id(p) for p in model.encoder.trainable_parameters(config.unfreeze_blocks)}
+    frozen = {id(p) for p in model.encoder.parameters()} - encoder
     groups: dict[tuple[str, bool], list] = {
         (part, decay): [] for part in ("decoder", "encoder") for decay in (True, False)
     }
-    for name, parameter in model.named_parameters():
-        if name.startswith("encoder."):
-            if id(parameter) not in encoder_trainable:
-                continue
-            part = "encoder"
-        else:
-            part = "decoder"
-        groups[(part, parameter.dim() >= 2)].append(parameter)
+    for parameter in model.parameters():
+        if id(parameter) not in frozen:
+            part = "encoder" if id(parameter) in encoder else "decoder"
+            groups[(part, parameter.dim() >= 2)].append(parameter)
     result = []
     for (part, decay), parameters in groups.items():
         if parameters:
             scale = config.encoder_lr_scale if part == "encoder" else 1.0
             weight_decay = config.weight_decay if decay else 0.0
             result.append({"params": parameters, "weight_decay": weight_decay, "lr_scale": scale, "name": part})
-    for group in result:
-        count = sum(p.numel() for p in group["params"])
-        logger.info(
-            "optimizer group %s (decay %s): %d tensors, %d parameters",
-            group["name"],
-            group["weight_decay"],
-            len(group["params"]),
-            count,
-        )
+            logger.info(
+                "optimizer group %s (decay %s): %d tensors, %d parameters",
+                part, weight_decay, len(parameters), sum(p.numel() for p in parameters),
+            )  # fmt: skip
     return result
-
-
-def set_encoder_trainable(model: CaptionModel, config: TrainConfig, trainable: bool) -> None:
-    for parameter in model.encoder.parameters():
-        parameter.requires_grad_(False)
-    if trainable and config.unfreeze_blocks:
-        depth = model.encoder.depth
-        for block in model.encoder.vit.blocks[depth - config.unfreeze_blocks :]:
-            block.requires_grad_(True)
-        model.encoder.vit.norm.requires_grad_(True)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- the run ----
 
 
 def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    device = default_device() if config.device == "auto" else torch.device(config.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -280,203 +426,66 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.precision == "fp32":
-        return None
-    if config.precision == "bf16":
-        return torch.bfloat16
-    if config.precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+def _distributed(model: CaptionModel, device: torch.device) -> nn.Module:
+    """The model wrapped for several processes; made anew when the set of trainable parameters changes."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def train(config: TrainConfig) -> dict:
-    """Run training as configured; returns the final metrics. Rank 0 alone writes files and logs."""
-    rank, world, device = setup_distributed(config)
-    out_dir = Path(config.out_dir)
-    is_main = rank == 0
+# ---- validation ----
+
+
+def validate(
+    model: CaptionModel,
+    tokenizer: CaptionTokenizer,
+    data: CaptionData,
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict:
+    """Validation loss on every image, caption metrics on `eval_images` images, and a few sample captions."""
+    model.eval()
+    total_loss, total_tokens, encoded = 0.0, 0, []
+    count = len(data) if not config.eval_images else min(config.eval_images, len(data))
+    for start in range(0, len(data), config.batch_size):
+        batch = data.batch(range(start, min(start + config.batch_size, len(data))), None, device)
+        with torch.inference_mode():
+            tokens = int((batch.labels != IGNORE_INDEX).sum())
+            total_loss += float(batch_loss(model, batch, dtype, device)) * tokens
+            total_tokens += tokens
+            if start < count:
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    encoded.append(model.encode(batch.images[: count - start], batch.start_block).float())
+    metrics = {"val_loss": round(total_loss / max(1, total_tokens), 4)}
+    captioner = Captioner(model, tokenizer, device=device)
+    decode = DecodeConfig(strategy="beam", num_beams=config.eval_beams, max_new_tokens=data.max_tokens)
+    texts = (
+        [caption.text for caption in captioner.caption(EncodedImages(torch.cat(encoded)), decode)] if encoded else []
+    )
+    for item, text in list(zip(data.items, texts, strict=False))[:4]:
+        logger.info("  %s: %s  (reference: %s)", item.image.name, text, item.captions[0])
+    if texts:
+        metrics["distinct"] = round(distinct_ratio(texts), 3)
+        try:
+            references = {str(i): list(item.captions) for i, item in enumerate(data.items[: len(texts)])}
+            scores = score_captions(references, {str(i): text for i, text in enumerate(texts)})
+            metrics |= {name: round(value, 4) for name, value in scores.items()}
+            logger.info("validation: %s", format_metrics(scores))
+        except JavaMissingError as error:
+            logger.warning("no caption metrics: %s", error)
+    return metrics
+
+
+# ---- logs ----
+
+
+def _setup_logging(out_dir: Path, is_main: bool) -> None:
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one log, from rank 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-    logger.info("config: %s", config)
-
-    splits = load_captions(config.data)
-    for split in ("train", "val"):
-        if not splits.get(split):
-            found = ", ".join(f"{name} ({len(items)})" for name, items in sorted(splits.items())) or "none"
-            raise DataError(f"{config.data}: no '{split}' split with captions (found: {found})")
-    train_items, val_items = splits["train"], splits["val"]
-
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    training: dict = {}
-    if config.resume:
-        saved = load_torch(last_path)
-        if "training" not in saved:
-            raise CheckpointError(f"{last_path}: not a training checkpoint (no optimizer state)")
-        check_resumable(saved["training"]["config"], config, last_path)
-        model, tokenizer, _ = load_captioner(last_path)
-        training = saved["training"]
-    elif config.init_from:
-        model, tokenizer, _ = load_captioner(config.init_from)
-    else:
-        if last_path.exists():
-            raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
-        torch.manual_seed(config.seed)
-        model, tokenizer = build_new(config, train_items)
-    model.to(device).train()
-    if config.unfreeze_blocks > model.encoder.depth:
-        raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
-    frozen = model.encoder.depth - config.unfreeze_blocks
-
-    train_images = ImageSource(train_items, model, config, frozen)
-    val_images = ImageSource(val_items, model, dataclasses.replace(config, flip=False), frozen)
-    if not len(train_images):
-        raise DataError(f"{config.data}: no readable training images")
-    # BOS plus the caption must fit the decoder's positions.
-    max_tokens = min(config.max_caption_tokens, model.config.n_positions - 1)
-    train_tokens = [
-        [tokenizer.encode(caption) for caption in item.captions] for item in train_images.items
-    ]  # fmt: skip
-    flippable = [
-        config.flip and not any(_MENTIONS_SIDE.search(c) for c in item.captions) for item in train_images.items
-    ]
-
-    loss_module = CaptionLoss(model, train_images.start_block)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
-    )
-    images_per_step = config.batch_size * world * config.grad_accum
-    steps_per_epoch = len(train_images) // images_per_step
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_images)} training images is fewer than one step's {images_per_step}")
-    total_steps = steps_per_epoch * config.epochs  # the learning-rate schedule's length
-    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
-    step = 0
-    history: list[dict] = []
-    best_cider = -1.0
-    if training:
-        optimizer.load_state_dict(training["optimizer"])
-        step, history, best_cider = training["step"], training["history"], training["best_cider"]
-        set_rng_state(training["rng"])
-        logger.info("resumed %s at step %d (epoch %d)", last_path, step, step // steps_per_epoch)
-    dtype = autocast_dtype(config, device)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    logger.info(
-        "%d train images (%d skipped), %d val images, %d steps per epoch, %d steps, precision %s, %s",
-        len(train_images), train_images.skipped, len(val_images), steps_per_epoch, total_steps, dtype or "fp32",
-        f"cached encoder tokens after block {train_images.start_block}"
-        if train_images.start_block
-        else "images read every step",
-    )  # fmt: skip
-
-    def save(path: Path, metrics: dict) -> None:
-        contents = checkpoint_dict(model, tokenizer, {"trained_on": config.data, "metrics": metrics, "step": step})
-        contents["training"] = {
-            "optimizer": optimizer.state_dict(), "step": step, "config": asdict(config), "rng": rng_state(),
-            "history": history, "best_cider": best_cider,
-        }  # fmt: skip
-        try:
-            save_torch(contents, path)
-        except OSError as error:  # e.g. disk full: atomic_write kept the previous file
-            raise CheckpointError(
-                f"{path}: could not write ({error.strerror or error}); the previous file is intact"
-            ) from error
-
-    board = _tensorboard(out_dir) if is_main else None
-    wrapped = None
-    epoch_started, step_times, running_loss = time.perf_counter(), [], []
-    progress = None
-    while step < stop_step:
-        epoch, position = divmod(step, steps_per_epoch)
-        encoder_training = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
-        if wrapped is None or wrapped.encoder_training != encoder_training:
-            set_encoder_trainable(model, config, encoder_training)
-            wrapped = _wrap(loss_module, world, device)
-            wrapped.encoder_training = encoder_training
-        if progress is None:
-            progress = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", disable=not is_main)
-            epoch_started = time.perf_counter()
-        started = time.perf_counter()
-        order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-        step_random = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # data choices of this step
-        for micro in range(config.grad_accum):
-            first = (position * config.grad_accum + micro) * config.batch_size * world + rank * config.batch_size
-            indices = order[first : first + config.batch_size].tolist()
-            flips = [flippable[i] and bool(torch.rand(1, generator=step_random) < 0.5) for i in indices]
-            captions = []
-            for index in indices:
-                choices = train_tokens[index]
-                start = int(torch.randint(len(choices), (1,), generator=step_random))
-                captions += [choices[(start + k) % len(choices)] for k in range(config.captions_per_image)]
-            images = train_images.get(indices, flips, device)
-            input_ids, labels = caption_targets(captions, tokenizer, max_tokens)
-            sync = micro == config.grad_accum - 1 or world == 1
-            with (
-                contextlib.nullcontext() if sync else wrapped.no_sync(),
-                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-            ):
-                loss = wrapped(images, input_ids.to(device), labels.to(device), config.label_smoothing)
-            scaler.scale(loss / config.grad_accum).backward()
-            running_loss.append(loss.item())
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, total_steps) * group["lr_scale"]
-        scaler.unscale_(optimizer)
-        trainable = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip or float("inf")))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_times.append(time.perf_counter() - started)
-        progress.update(1)
-        if step % config.log_every == 0 and is_main:
-            seconds = sum(step_times) / len(step_times)
-            mean_loss, current_lr = sum(running_loss) / len(running_loss), lr_at(step - 1, config, total_steps)
-            logger.info(
-                "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s",
-                step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
-            )  # fmt: skip
-            if board is not None:
-                board.add_scalar("train/loss", mean_loss, step)
-                board.add_scalar("train/lr", current_lr, step)
-            step_times, running_loss = [], []
-        epoch_done = step % steps_per_epoch == 0
-        if is_main and (step % config.checkpoint_every == 0 or (step == stop_step and not epoch_done)):
-            save(last_path, history[-1] if history else {})
-        if epoch_done:
-            progress.close()
-            progress = None
-            epoch_seconds = time.perf_counter() - epoch_started
-            metrics = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(epoch_seconds, 1)}
-            last_epoch = step == total_steps
-            if is_main:
-                if config.eval_every and ((epoch + 1) % config.eval_every == 0 or last_epoch):
-                    metrics |= validate(model, tokenizer, val_images, config, max_tokens, device, dtype)
-                    if metrics.get("CIDEr", -metrics["val_loss"]) > best_cider:
-                        best_cider = metrics.get("CIDEr", -metrics["val_loss"])
-                        save(best_path, metrics)
-                history.append(metrics)
-                logger.info("epoch %d done in %.0f s: %s", epoch + 1, epoch_seconds, metrics)
-                _append_csv(out_dir / "metrics.csv", metrics)
-                if board is not None:
-                    for name, value in metrics.items():
-                        if name not in ("epoch", "step"):
-                            board.add_scalar(f"val/{name}", value, step)
-                save(last_path, metrics)
-            model.train()
-            if world > 1:
-                dist.barrier()
-    if board is not None:
-        board.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return history[-1] if history else {}
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def _tensorboard(out_dir: Path):
@@ -488,73 +497,10 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _wrap(module: nn.Module, world: int, device: torch.device) -> nn.Module:
-    if world == 1:
-        return _Plain(module)
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-class _Plain(nn.Module):
-    """The single-process stand-in for DistributedDataParallel (same call, same `no_sync`)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args) -> Tensor:
-        return self.module(*args)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-
-def validate(
-    model: CaptionModel,
-    tokenizer: CaptionTokenizer,
-    images: ImageSource,
-    config: TrainConfig,
-    max_tokens: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> dict:
-    """Validation loss on every caption, caption metrics on `eval_images` images, and a few sample captions."""
-    model.eval()
-    total_loss, total_tokens, encoded = 0.0, 0, []
-    count = len(images) if not config.eval_images else min(config.eval_images, len(images))
-    for start in range(0, len(images), config.batch_size):
-        indices = list(range(start, min(start + config.batch_size, len(images))))
-        batch = images.get(indices, [False] * len(indices), device)
-        captions = [tokenizer.encode(c) for index in indices for c in images.items[index].captions]
-        per_image = torch.tensor([len(images.items[index].captions) for index in indices], device=device)
-        input_ids, labels = caption_targets(captions, tokenizer, max_tokens)
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-        ):
-            image_tokens = encode_batch(model, batch, images.start_block)
-            rows = image_tokens.repeat_interleave(per_image, dim=0)
-            loss = caption_loss(model, rows, input_ids.to(device), labels.to(device), reduction="sum")
-        total_loss += float(loss)
-        total_tokens += int((labels != IGNORE_INDEX).sum())
-        if start < count:
-            encoded.append(image_tokens[: count - start].float())
-    metrics = {"val_loss": round(total_loss / max(1, total_tokens), 4)}
-    captioner = Captioner(model, tokenizer, device=device)
-    decode = DecodeConfig(strategy="beam", num_beams=config.eval_beams, max_new_tokens=max_tokens)
-    captions = captioner.caption(EncodedImages(torch.cat(encoded)), decode) if encoded else []
-    texts = [caption.text for caption in captions]
-    for item, text in list(zip(images.items, texts, strict=False))[:4]:
-        logger.info("  %s: %s  (reference: %s)", item.image.name, text, item.captions[0])
-    if texts:
-        metrics["distinct"] = round(distinct_ratio(texts), 3)
-        try:
-            references = {str(i): list(item.captions) for i, item in enumerate(images.items[: len(texts)])}
-            scores = score_captions(references, {str(i): text for i, text in enumerate(texts)})
-            metrics |= {name: round(value, 4) for name, value in scores.items()}
-            logger.info("validation: %s", format_metrics(scores))
-        except JavaMissingError as error:
-            logger.warning("no caption metrics: %s", error)
-    return metrics
+def _board(board, scalars: dict, step: int) -> None:
+    if board is not None:
+        for name, value in scalars.items():
+            board.add_scalar(name, value, step)
 
 
 CSV_COLUMNS = ("epoch", "step", "epoch_seconds", "val_loss", "distinct", *METRICS)
@@ -575,8 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = from_arguments(TrainConfig, arguments)
-        train(config)
+        train(from_arguments(TrainConfig, arguments))
     except (ValueError, CheckpointError, DataError) as error:
         logger.error("error: %s", error)
         return 2

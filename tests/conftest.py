@@ -17,6 +17,7 @@ from server import start_app, stop_app  # noqa: E402
 from checkpoint import save_captioner  # noqa: E402
 from config import PRESETS  # noqa: E402
 from model import CaptionModel  # noqa: E402
+from pretrained import from_parts  # noqa: E402
 from tokenizer import train_caption_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -66,7 +67,7 @@ def make_decisive(model: CaptionModel, eos_token_id: int, eos_bias: float, seed:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     torch.manual_seed(0)
-    return CaptionModel.from_parts(
+    return from_parts(
         "vit_tiny_patch16_224",
         None,
         encoder_pretrained=False,
@@ -80,7 +81,7 @@ def tiny_model(tiny_tokenizer):
 def captioning_model(tiny_tokenizer):
     """A tiny model whose (meaningless) captions are several tokens long and differ between images."""
     torch.manual_seed(0)
-    model = CaptionModel.from_parts(
+    model = from_parts(
         "vit_tiny_patch16_224", None, encoder_pretrained=False, image_size=32, base=PRESETS["tiny"],
         vocab_size=tiny_tokenizer.vocab_size,
     ).eval()  # fmt: skip

@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import ROOT
 
 import checkpoint
 from checkpoint import CheckpointError, export_safetensors, load_captioner, save_captioner
@@ -16,7 +17,7 @@ def _logits(model, seed=0):
     pixels = torch.randn(2, 3, 32, 32, generator=generator)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=generator)
     with torch.no_grad():
-        return model(pixels, input_ids)
+        return model(pixels, input_ids)[0]
 
 
 def test_pt_round_trip_gives_identical_logits_config_tokenizer_and_metadata(tmp_path, tiny_model, tiny_tokenizer):
@@ -59,12 +60,25 @@ def _expect(path, message):
         load_captioner(path)
     text = str(caught.value)
     assert str(path) in text and message in text and "\n" not in text, text
+    assert len(text) <= 200, text
 
 
 def test_truncated_file_is_a_clear_error(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
     _expect(saved, "truncated or corrupt")
+
+
+def test_a_truncated_model_file_is_one_short_line_on_the_command_line(saved, capsys):
+    import caption
+
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 3])
+    assert caption.main(["--model", str(saved), str(ROOT / "examples" / "cat.jpg")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    # torch's own text for this is a 300-character paragraph of advice; ours names the file and the problem.
+    assert line.startswith(f"error: {saved}: not a readable checkpoint, truncated or corrupt"), line
+    assert len(line) <= len("error: ") + 200, line
 
 
 def test_corrupt_bytes_are_a_clear_error(saved):

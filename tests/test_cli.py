@@ -92,7 +92,7 @@ def test_half_precision_flag(model_file, folder, capsys):
 def test_bad_options_and_models_are_one_line_errors(model_file, folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(model_file, "--num-beams", "0", str(folder))
-    assert "num_beams must be a positive integer" in capsys.readouterr().err
+    assert "num_beams must be a whole number in [1, 16], got 0" in capsys.readouterr().err
     (tmp_path / "bad.pt").write_text("nope")
     assert caption.main(["--model", str(tmp_path / "bad.pt"), str(folder)]) == 2
     assert "bad.pt: not a readable checkpoint" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from data import CaptionedImage, DataError, FeatureCache, clean_caption, load_captions, load_split
+from data import CaptionedImage, DataError, clean_caption, load_captions, load_split
+from features import FeatureCache
 from images import load_image
 
 PHOTOS = sorted((ROOT / "examples").glob("*.jpg"))

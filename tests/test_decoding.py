@@ -9,7 +9,8 @@ from transformers import GPT2LMHeadModel
 
 import decoding
 from config import PRESETS, DecodeConfig
-from model import CaptionModel, to_gpt2
+from model import CaptionModel
+from pretrained import to_gpt2
 
 BOS, EOS = 1, 0
 MAX_NEW = 12

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 import evaluate
+import metrics
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -16,13 +17,13 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and
 def test_bleu_matches_a_hand_computation_at_corpus_level():
     references = {"a": ["A dog runs on the grass."], "b": ["a cat sits on a red chair"]}
     candidates = {"a": "a dog runs", "b": "a cat sits on a red chair"}
-    scores = evaluate.score_captions(references, candidates)
+    scores = metrics.score_captions(references, candidates)
     # Clipped unigram matches 3 + 7 of 10 candidate words; brevity penalty exp(1 - 13/10) over the whole corpus.
     # (Averaging per-image BLEU would give (exp(-1) + 1) / 2 = 0.684 instead.)
     assert scores["BLEU-1"] == pytest.approx(math.exp(1 - 13 / 10), abs=1e-6)
     # Bigrams: 2 + 6 of 8 match, so precision 1 and BLEU-2 = sqrt(1 * 1) * the same penalty.
     assert scores["BLEU-2"] == pytest.approx(math.exp(1 - 13 / 10), abs=1e-6)
-    perfect = evaluate.score_captions({"x": ["a man rides a horse"]}, {"x": "a man rides a horse"})
+    perfect = metrics.score_captions({"x": ["a man rides a horse"]}, {"x": "a man rides a horse"})
     assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE-L"] == pytest.approx(1.0)
 
 
@@ -41,23 +42,23 @@ def test_scores_equal_pycocoevalcaps_scorers_called_directly():
     tokenizer = PTBTokenizer()
     refs = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
     hyps = tokenizer.tokenize({k: [{"caption": c}] for k, c in candidates.items()})
-    scores = evaluate.score_captions(references, candidates)
+    scores = metrics.score_captions(references, candidates)
     assert scores["CIDEr"] == pytest.approx(Cider().compute_score(refs, hyps)[0])
     assert scores["METEOR"] == pytest.approx(Meteor().compute_score(refs, hyps)[0])
-    assert set(scores) == set(evaluate.METRICS)
+    assert set(scores) == set(metrics.METRICS)
 
 
 def test_mismatched_or_empty_inputs_are_refused():
     with pytest.raises(ValueError, match="same images"):
-        evaluate.score_captions({"a": ["x"]}, {"b": "x"})
+        metrics.score_captions({"a": ["x"]}, {"b": "x"})
     with pytest.raises(ValueError, match="no captions"):
-        evaluate.score_captions({}, {})
+        metrics.score_captions({}, {})
 
 
 def test_missing_java_names_what_to_install(monkeypatch):
-    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)
-    with pytest.raises(evaluate.JavaMissingError, match="apt-get install default-jre-headless"):
-        evaluate.require_java()
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(metrics.JavaMissingError, match="apt-get install default-jre-headless"):
+        metrics.require_java()
 
 
 @needs_java
@@ -81,7 +82,7 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(row["image"] for row in rows) == ["cat.jpg", "coffee.jpg"]
     metadata = load_captioner(tmp_path / "model.pt")[2]
-    assert metadata["metrics_split"] == "test" and set(metadata["metrics"]) == set(evaluate.METRICS)
+    assert metadata["metrics_split"] == "test" and set(metadata["metrics"]) == set(metrics.METRICS)
     assert (
         evaluate.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--split", "val"]) == 2
     )

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from config import PRESETS, DecodeConfig, ModelConfig
-from model import CaptionModel, ImageEncoder, gpt2_state_dict, load_gpt2_weights
+from model import CaptionModel, ImageEncoder
+from pretrained import from_parts, gpt2_state_dict, load_encoder_state, load_gpt2_weights, load_timm_weights
 
 
 def _image_tokens(batch: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -19,7 +20,7 @@ def _image_tokens(batch: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def _tiny_encoder_model(decoder_dir) -> CaptionModel:
-    return CaptionModel.from_parts("vit_tiny_patch16_224", decoder_dir, encoder_pretrained=False, image_size=32).eval()
+    return from_parts("vit_tiny_patch16_224", decoder_dir, encoder_pretrained=False, image_size=32).eval()
 
 
 def test_decoder_logits_match_transformers_gpt2_with_cross_attention(gpt2_with_cross_attention):
@@ -103,11 +104,11 @@ def test_encoder_tokens_equal_timm_forward_features():
         torch.testing.assert_close(encoder.head(encoder.blocks(hidden, 5)), expected, atol=1e-6, rtol=0)
 
 
-def test_encode_from_block_equals_encode(tiny_model):
+def test_encode_from_a_middle_block_equals_encode(tiny_model):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         hidden = tiny_model.encoder.blocks(tiny_model.encoder.stem(pixels), 0, 7)
-        torch.testing.assert_close(tiny_model.encode_from_block(hidden, 7), tiny_model.encode(pixels))
+        torch.testing.assert_close(tiny_model.encode(hidden, start_block=7), tiny_model.encode(pixels))
 
 
 def test_bridge_average_pools_the_patch_grid_and_keeps_the_class_token():
@@ -132,9 +133,12 @@ def test_non_vit_encoder_is_refused():
 
 @needs_shared(DINOV2_WEIGHTS)
 def test_shared_dinov2_weights_load_strictly_at_224_pixels():
-    encoder = ImageEncoder("vit_small_patch14_dinov2", 224, weights_file=str(DINOV2_WEIGHTS)).eval()
+    model = CaptionModel(dataclasses.replace(PRESETS["small"], vocab_size=8))
+    report = load_timm_weights(model, DINOV2_WEIGHTS)
+    encoder = model.encoder.eval()
     source = load_file(DINOV2_WEIGHTS)
     loaded = encoder.vit.state_dict()
+    assert len(report.loaded) == len(source) and not report.initialised
     assert set(loaded) == set(source)  # strict: nothing missing, nothing left over
     for name, tensor in source.items():
         if name == "pos_embed":  # resampled from 37x37 patches to 16x16
@@ -159,8 +163,8 @@ def test_model_fills_in_the_encoders_preprocessing():
 def test_tiny_preset_builds_and_runs():
     model = CaptionModel(PRESETS["tiny"]).eval()
     with torch.no_grad():
-        logits = model(torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long))
-    assert logits.shape == (2, 4, PRESETS["tiny"].vocab_size)
+        logits, loss = model(torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long))
+    assert loss is None and logits.shape == (2, 4, PRESETS["tiny"].vocab_size)
 
 
 @pytest.mark.slow
@@ -209,3 +213,60 @@ def test_model_config_from_dict_refuses_unknown_and_missing_fields():
 def test_decode_config_rejects_bad_values_naming_the_field(options, field):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**options)
+
+
+def test_forward_returns_the_mean_token_cross_entropy_without_padding(tiny_model):
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    input_ids = torch.randint(0, tiny_model.config.vocab_size, (4, 5), generator=torch.Generator().manual_seed(5))
+    targets = input_ids.roll(-1, dims=1)
+    targets[1, 3:] = -100  # padding carries no loss
+    with torch.no_grad():
+        logits, loss = tiny_model(pixels, input_ids, targets)  # two captions per image
+    logprobs = logits.log_softmax(-1)
+    picked = [-logprobs[row, position, targets[row, position]] for row in range(4) for position in range(5)]
+    kept = [value for value, target in zip(picked, targets.flatten().tolist(), strict=True) if target != -100]
+    torch.testing.assert_close(loss, torch.stack(kept).mean())
+
+
+def test_the_encoders_trainable_part_is_its_last_blocks_and_final_norm(tiny_model):
+    encoder = tiny_model.encoder
+    names = {id(p): name for name, p in encoder.named_parameters()}
+    trainable = {names[id(p)] for p in encoder.trainable_parameters(2)}
+    depth = encoder.depth
+    expected = {
+        name for name, _ in encoder.named_parameters()
+        if name.startswith((f"vit.blocks.{depth - 2}.", f"vit.blocks.{depth - 1}.", "vit.norm."))
+    }  # fmt: skip
+    assert trainable == expected and encoder.trainable_parameters(0) == []
+    encoder.set_trainable(2)
+    try:
+        assert {name for name, p in encoder.named_parameters() if p.requires_grad} == expected
+    finally:
+        encoder.set_trainable(0)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    # What the feature cache hashes: everything before the trainable blocks, nothing after.
+    frozen = set(encoder.frozen_state(depth - 2))
+    assert (
+        frozen.isdisjoint(expected)
+        and f"vit.blocks.{depth - 3}.attn.qkv.weight" in frozen
+        and "vit.cls_token" in frozen
+    )
+    with pytest.raises(ValueError, match="cannot train the last 99"):
+        encoder.trainable_parameters(99)
+
+
+def test_encoder_state_loads_exactly_and_refuses_unknown_or_missing_tensors():
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
+    model = CaptionModel(PRESETS["tiny"]).eval()
+    report = load_encoder_state(model, source.state_dict(), "timm")
+    assert len(report.loaded) == len(source.state_dict()) and report.summary().startswith("timm:")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(pixels), source.forward_features(pixels))
+    state = source.state_dict()
+    with pytest.raises(ValueError, match=r"does not have: head\.weight"):
+        load_encoder_state(model, {**state, "head.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"lacks encoder tensors: encoder\.vit\.cls_token"):
+        load_encoder_state(model, {k: v for k, v in state.items() if k != "cls_token"})
+    with pytest.raises(ValueError, match="shape"):
+        load_encoder_state(model, {**state, "cls_token": torch.zeros(1, 1, 5)})

@@ -89,7 +89,7 @@ def test_a_full_disk_during_training_is_reported_and_the_last_checkpoint_survive
     data = _small_dataset(tmp_path / "data")
     config = TrainConfig(
         data=str(data), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, epochs=1, batch_size=1,
-        captions_per_image=1, eval_every=0, precision="fp32", cache_dir=str(tmp_path / "cache"), unfreeze_blocks=2,
+        captions_per_image=1, eval_every=0, precision="float32", cache_dir=str(tmp_path / "cache"), unfreeze_blocks=2,
         checkpoint_every=1, workers=1,
     )  # fmt: skip
     import checkpoint

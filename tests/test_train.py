@@ -1,5 +1,6 @@
 """train.py end to end on real photos: it learns, it resumes exactly after kill -9, it runs under torchrun."""
 
+import argparse
 import dataclasses
 import os
 import shutil
@@ -15,6 +16,7 @@ from conftest import ROOT
 import train
 from captioner import Captioner
 from checkpoint import CheckpointError, load_captioner
+from cli import add_arguments
 from config import DecodeConfig, TrainConfig
 from tokenizer import train_caption_tokenizer
 
@@ -42,14 +44,14 @@ def _config(tmp_path, data, **changes) -> TrainConfig:
     base = TrainConfig(
         data=str(data), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, unfreeze_blocks=2, epochs=3,
         batch_size=2, captions_per_image=1, lr=3e-3, min_lr=3e-4, warmup_steps=2, label_smoothing=0.0, flip=False,
-        eval_every=0, log_every=1, checkpoint_every=1000, precision="fp32", cache_dir=str(tmp_path / "cache"),
+        eval_every=0, log_every=1, checkpoint_every=1000, precision="float32", cache_dir=str(tmp_path / "cache"),
         workers=1,
     )  # fmt: skip
     return dataclasses.replace(base, **changes)
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
-    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    config = TrainConfig(data="unused", lr=1e-3, min_lr=1e-4, warmup_steps=10)
     assert train.lr_at(0, config, 110) == pytest.approx(1e-4)
     assert train.lr_at(9, config, 110) == pytest.approx(1e-3)
     assert train.lr_at(60, config, 110) == pytest.approx(1e-4 + 0.5 * 9e-4)
@@ -152,7 +154,7 @@ def test_torchrun_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_pa
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(ROOT / "train.py"), f"--data={photos}", f"--out-dir={out_dir}", "--preset=tiny", "--vocab-size=300",
-        "--batch-size=1", "--captions-per-image=1", "--epochs=1", "--eval-every=0", "--precision=fp32",
+        "--batch-size=1", "--captions-per-image=1", "--epochs=1", "--eval-every=0", "--precision=float32",
         f"--cache-dir={tmp_path / 'cache'}", "--workers=1", "--unfreeze-blocks=2",
     ]  # fmt: skip
     result = subprocess.run(
@@ -185,3 +187,13 @@ def test_metrics_go_to_tensorboard_where_it_is_installed(tmp_path, photos, monke
     names = {name for name, _ in scalars}
     assert {"train/loss", "train/lr", "val/val_loss", "val/CIDEr"} <= names
     assert scalars[-1] == ("closed", str(tmp_path / "run" / "tensorboard"))
+
+
+def test_every_flag_has_a_one_line_help():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert len(flags) == len(dataclasses.fields(TrainConfig))
+    for action in flags:
+        assert action.help and "\n" not in action.help and len(action.help) < 120, action.option_strings
+    assert next(action for action in flags if action.dest == "data").required  # no default path into ../shared

@@ -1,0 +1,71 @@
+"""What the command lines share: one flag per dataclass field, and the flags that choose and place the model."""
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+from captioner import Captioner
+from config import PRECISIONS
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (), only_given: bool = False
+) -> None:
+    """Add `--field-name` for every field of the dataclass `cls`, with the field's help.
+
+    Args:
+        only_given: leave flags the user did not give out of the parsed namespace (instead of filling in the
+            dataclass defaults), so that they can override another set of defaults, e.g. a model's own.
+    """
+    for item in dataclasses.fields(cls):
+        if item.name in exclude:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        annotation = item.type
+        choices = None
+        if typing.get_origin(annotation) is Literal:
+            choices, annotation = typing.get_args(annotation), str
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+        required = item.default is dataclasses.MISSING
+        options: dict[str, Any] = {"help": item.metadata.get("help")}
+        if required:
+            options["required"] = True
+        else:
+            options["default"] = argparse.SUPPRESS if only_given else item.default
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        else:
+            parser.add_argument(flag, type=annotation, choices=choices, metavar=item.name.upper(), **options)
+
+
+def given_arguments(cls: type, arguments: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` present in the parsed flags."""
+    values = vars(arguments)
+    return {item.name: values[item.name] for item in dataclasses.fields(cls) if item.name in values}
+
+
+def from_arguments(cls: type, arguments: argparse.Namespace):
+    """An instance of `cls` from the flags `add_arguments` made (fields without a flag keep their defaults)."""
+    return cls(**given_arguments(cls, arguments))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the model and where it runs, shared by caption.py, evaluate.py and app.py."""
+    parser.add_argument("--model", default=None, help="model file, folder or Hub repo id (default: captioner.pt)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=[name for name in PRECISIONS if name != "auto"],
+        default="float32",
+        help="precision of the weights; bfloat16 decodes faster on GPUs and on CPUs with AVX-512 BF16, "
+        "with slightly different captions (README: Speed; default: float32)",
+    )
+
+
+def load_captioner(arguments: argparse.Namespace) -> Captioner:
+    """The model that the flags of `add_model_arguments` name."""
+    return Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision, dtype=arguments.dtype)

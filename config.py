@@ -197,6 +197,9 @@ Precision = Literal["auto", "float32", "bfloat16", "float16"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
+Objective = Literal["cross_entropy", "scst"]
+
+
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Everything `train.py` does, one flag per field (`python train.py --help`)."""
@@ -232,6 +235,8 @@ class TrainConfig:
     beta2: float = option(0.98, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    objective: Objective = option("cross_entropy", "cross_entropy, or scst: self-critical CIDEr-D (use --init-from)")
+    scst_samples: int = option(5, "captions sampled per image by scst, each baselined by the others' mean reward")
     flip: bool = option(True, "mirror training images at random (never those whose captions say left or right)")
     max_caption_tokens: int = option(40, "longer training captions are cut")
     eval_every: int = option(1, "epochs between validations (0: never); the last epoch is always validated")
@@ -278,6 +283,9 @@ class TrainConfig:
         _require_finite("grad_clip", self.grad_clip, 0.0, 1e6, "non-negative (0: no clipping)")
         _require_finite("label_smoothing", self.label_smoothing, 0.0, 0.5, "in [0, 0.5]")
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
+        _require(self.objective in typing.get_args(Objective), "objective", self.objective, "cross_entropy or scst")
+        ok = isinstance(self.scst_samples, int) and 2 <= self.scst_samples <= 16
+        _require(ok, "scst_samples", self.scst_samples, "a whole number in [2, 16] (each sample needs others)")
         _require(self.precision in PRECISIONS, "precision", self.precision, "/".join(PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
         if self.cache_blocks is not None:

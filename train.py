@@ -5,8 +5,9 @@
     python train.py --data ../shared/data/flickr8k --out-dir runs/small --resume   # after a kill: continues exactly
     torchrun --nproc_per_node=2 train.py ...                 # several processes (GPUs: NCCL; CPU: gloo)
 
-It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, then the loop. Each
-step samples a batch, computes the loss, and takes an optimizer step; each epoch ends with validation (loss, caption
+It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, objective (token
+cross-entropy, or self-critical CIDEr-D: scst.py), then the loop. Each step samples a batch, computes the loss, and
+takes an optimizer step; each epoch ends with validation (loss, caption
 metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`. `last.pt` is also saved every
 `checkpoint_every` steps. When the encoder's first blocks are frozen, their output tokens are computed once per
 image and cached on disk (features.FeatureCache), so each epoch runs only the trainable blocks.
@@ -51,6 +52,7 @@ from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
 from model import IGNORE_INDEX, CaptionModel
 from pretrained import from_parts
+from scst import SelfCriticalReward, scst_loss
 from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_tokenizer
 
 logger = logging.getLogger("train")
@@ -61,7 +63,7 @@ RESUME_MUST_MATCH = (
     "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size", "captions_per_image",
     "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
-    "max_caption_tokens", "seed",
+    "max_caption_tokens", "seed", "objective", "scst_samples",
 )  # fmt: skip
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -130,10 +132,25 @@ def train(config: TrainConfig) -> dict:
         metadata = {"trained_on": config.data, "metrics": metrics, "step": state.step}
         save_training_checkpoint(path, model, tokenizer, metadata, state)
 
+    # ---- the objective ----
+    reward = None
+    if config.objective == "scst":
+        reward = SelfCriticalReward([item.captions for item in train_data.items], tokenizer)
+
+    def training_loss(batch: Batch, seed: int) -> tuple[Tensor, float | None]:
+        """The batch's loss, and for scst the mean reward of its samples (drawn with `seed`)."""
+        if reward is None:
+            return batch_loss(runner, batch, dtype, device, config.label_smoothing), None
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return scst_loss(
+                runner, model, batch.images, batch.start_block, batch.indices, reward, samples=config.scst_samples,
+                max_new_tokens=train_data.max_tokens, generator=torch.Generator(device).manual_seed(seed),
+            )  # fmt: skip
+
     # ---- the loop ----
     board = _tensorboard(out_dir) if is_main else None
     runner, encoder_training = None, None
-    progress, epoch_started, step_times, losses = None, time.perf_counter(), [], []
+    progress, epoch_started, step_times, losses, rewards = None, time.perf_counter(), [], [], []
     while state.step < stop_step:
         epoch, position = divmod(state.step, steps_per_epoch)
         wanted = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
@@ -154,9 +171,10 @@ def train(config: TrainConfig) -> dict:
             batch = train_data.batch(order[first : first + config.batch_size].tolist(), step_random, device)
             last_micro = micro == config.grad_accum - 1
             with contextlib.nullcontext() if world == 1 or last_micro else runner.no_sync():
-                loss = batch_loss(runner, batch, dtype, device, config.label_smoothing)
+                loss, mean_reward = training_loss(batch, (config.seed * 1_000_003 + state.step) * 64 + micro)
             scaler.scale(loss / config.grad_accum).backward()
             losses.append(loss.item())
+            rewards += [] if mean_reward is None else [mean_reward]
         grad_norm = optimizer_step(optimizer, scaler, lr_at(state.step, config, total_steps), config.grad_clip)
         state.step += 1
         step_times.append(time.perf_counter() - started)
@@ -165,12 +183,16 @@ def train(config: TrainConfig) -> dict:
         if state.step % config.log_every == 0 and is_main:
             seconds, mean_loss = sum(step_times) / len(step_times), sum(losses) / len(losses)
             current_lr = lr_at(state.step - 1, config, total_steps)
+            scalars = {"train/loss": mean_loss, "train/lr": current_lr}
+            if rewards:
+                scalars["train/reward"] = sum(rewards) / len(rewards)
             logger.info(
-                "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s",
+                "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s%s",
                 state.step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
+                f" reward {scalars['train/reward']:.4f}" if rewards else "",
             )  # fmt: skip
-            _board(board, {"train/loss": mean_loss, "train/lr": current_lr}, state.step)
-            step_times, losses = [], []
+            _board(board, scalars, state.step)
+            step_times, losses, rewards = [], [], []
         epoch_done = state.step % steps_per_epoch == 0
         if is_main and (state.step % config.checkpoint_every == 0 or (state.step == stop_step and not epoch_done)):
             save(last_path, state.history[-1] if state.history else {})
@@ -241,6 +263,7 @@ def caption_targets(
 class Batch:
     """Encoder inputs for some images and `captions_per_image` captions of each, rows grouped by image."""
 
+    indices: tuple[int, ...]  # the images' positions in their CaptionData
     images: Tensor  # pixels (B, 3, H, W), or cached encoder tokens (B, N, C_img) after `start_block` blocks
     start_block: int
     input_ids: Tensor  # (B * captions_per_image, T)
@@ -330,9 +353,8 @@ class CaptionData:
             start = int(torch.randint(len(choices), (1,), generator=random)) if random is not None else 0
             captions += [choices[(start + k) % len(choices)] for k in range(self.captions_per_image)]
         input_ids, labels = caption_targets(captions, self.tokenizer, self.max_tokens)
-        return Batch(
-            self.encoder_inputs(indices, flips).to(device), self.start_block, input_ids.to(device), labels.to(device)
-        )
+        images = self.encoder_inputs(indices, flips).to(device)
+        return Batch(tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device))
 
     def encoder_inputs(self, indices: Sequence[int], flips: Sequence[bool]) -> Tensor:
         if self.tokens is not None:
@@ -378,10 +400,11 @@ def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[C
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}  # for fields added since
     different = [
-        f"{name} ({saved.get(name)!r} there, {getattr(config, name)!r} now)"
+        f"{name} ({saved.get(name, defaults[name])!r} there, {getattr(config, name)!r} now)"
         for name in RESUME_MUST_MATCH
-        if saved.get(name) != getattr(config, name)
+        if saved.get(name, defaults[name]) != getattr(config, name)
     ]
     if different:
         raise CheckpointError(

@@ -96,9 +96,10 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos):
+@pytest.mark.parametrize("objective", ["cross_entropy", "scst"])
+def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos, objective):
     steps = 12  # 2 steps per epoch, 6 epochs; dropout on, so the random state must be restored too
-    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1)
+    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1, objective=objective)
     train.train(straight)
 
     interrupted = dataclasses.replace(straight, out_dir=str(tmp_path / "interrupted"), checkpoint_every=1)
@@ -197,3 +198,13 @@ def test_every_flag_has_a_one_line_help():
     for action in flags:
         assert action.help and "\n" not in action.help and len(action.help) < 120, action.option_strings
     assert next(action for action in flags if action.dest == "data").required  # no default path into ../shared
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes_with_that_fields_default(tmp_path):
+    config = TrainConfig(data="data")
+    saved = {
+        name: value for name, value in dataclasses.asdict(config).items() if name not in ("objective", "scst_samples")
+    }
+    train.check_resumable(saved, config, tmp_path / "last.pt")  # fields added since default to their defaults
+    with pytest.raises(CheckpointError, match=r"objective \('cross_entropy' there, 'scst' now\)"):
+        train.check_resumable(saved, dataclasses.replace(config, objective="scst"), tmp_path / "last.pt")

@@ -3,10 +3,14 @@
     python caption.py examples/*
     python caption.py --format jsonl --num-beams 5 photos/ > captions.jsonl
     python caption.py --sidecar dataset/          # writes dataset/.../<image>.txt beside each image
+    python caption.py --embed photos/             # writes each caption into its photo's EXIF and XMP description
+    python caption.py --sidecar --prepend "photo of sks," dataset/   # a trigger word for fine-tuning data
 
 Files that are not images by their suffix (notes, credits, sidecar .txt files caught by a glob) are skipped with a
 note. Images that cannot be read are reported on stderr and skipped; the exit code is then 1. Nothing a user
-already has is overwritten without --overwrite (an --output file, or existing sidecar .txt files, which are skipped).
+already has is overwritten without --overwrite (an --output file, existing sidecar .txt files or descriptions in
+the images, which are skipped). --skip-existing leaves out every image that already has a caption in either place,
+whatever this run writes, so an interrupted run over a folder continues where it stopped.
 """
 
 import argparse
@@ -26,6 +30,7 @@ from checkpoint import CheckpointError, atomic_write
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
 from images import IMAGE_SUFFIXES, ImageError
+from metadata import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_description
 
 FORMATS = ("text", "jsonl", "csv")
 
@@ -85,7 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="text", dest="output_format")
     parser.add_argument("--output", type=Path, help="write to this file instead of standard output")
     parser.add_argument("--sidecar", action="store_true", help="write <image>.txt beside each image")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or sidecar files")
+    parser.add_argument(
+        "--embed", action="store_true", help="write the caption into each image's metadata (JPEG, PNG, WebP)"
+    )
+    parser.add_argument("--output-dir", type=Path, help="with --embed: write captioned copies here, not in place")
+    parser.add_argument("--prepend", default="", help="text put before every caption (joined by a space)")
+    parser.add_argument("--append", default="", help="text put after every caption (joined by a space)")
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="leave out images that already have a sidecar or embedded caption"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output, sidecar files or embedded captions"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
     arguments = parser.parse_args(argv)
@@ -106,14 +122,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths and not missing:
         print("error: no image files among the given paths", file=sys.stderr)
         return 1
-    if arguments.sidecar and not arguments.overwrite:
-        existing = {path for path in paths if Path(path).with_suffix(".txt").exists()}
-        if existing:
-            print(
-                f"skipping {len(existing)} image(s) that already have a .txt caption (--overwrite to redo)",
-                file=sys.stderr,
-            )
-            paths = [path for path in paths if path not in existing]
+    if arguments.output_dir and not arguments.embed:
+        parser.error("--output-dir is for --embed (captioned copies of the images)")
+    if arguments.overwrite and arguments.skip_existing:
+        parser.error("--overwrite and --skip-existing contradict each other: choose one")
+    destinations = {path: _embed_destination(path, arguments.output_dir) for path in paths} if arguments.embed else {}
+    if len(set(destinations.values())) < len(destinations):
+        parser.error(
+            f"two images share a file name, and --output-dir {arguments.output_dir} is flat: caption them apart"
+        )
+    if not arguments.overwrite:
+        paths = _without_captioned(paths, arguments, destinations, failures)
+
+    def decorated(text: str) -> str:
+        return " ".join(part for part in (arguments.prepend.strip(), text, arguments.append.strip()) if part)
+
     try:
         captioner = load_captioner(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
@@ -130,10 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(result, ImageError):
                 failures.append(str(result))
                 continue
+            text = decorated(result.text)
             if arguments.sidecar:
                 sidecar = Path(path).with_suffix(".txt")
-                atomic_write(sidecar, lambda temporary, text=result.text: Path(temporary).write_text(text + "\n"))
-            yield path, result.text, result.confidence
+                atomic_write(sidecar, lambda temporary, text=text: Path(temporary).write_text(text + "\n"))
+            if arguments.embed:
+                try:
+                    embed_description(path, text, destinations[path])
+                except MetadataError as error:
+                    failures.append(str(error))
+                    continue
+            yield path, text, result.confidence
         progress.close()
 
     try:
@@ -154,6 +184,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failures:
         print(f"{len(failures)} input(s) could not be captioned", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _embed_destination(path: str, output_dir: Path | None) -> Path:
+    return output_dir / Path(path).name if output_dir else Path(path)
+
+
+def _without_captioned(
+    paths: list[str], arguments: argparse.Namespace, destinations: dict[str, Path], failures: list[str]
+) -> list[str]:
+    """`paths` less the images that already have a caption where this run would write it (or, with
+    --skip-existing, anywhere); says on stderr how many were left out. Unreadable metadata is a failure."""
+    sidecars = arguments.sidecar or arguments.skip_existing
+    embedded = arguments.embed or arguments.skip_existing
+    remaining, captioned = [], 0
+    for path in paths:
+        has_caption = sidecars and Path(path).with_suffix(".txt").exists()
+        if not has_caption and embedded and Path(path).suffix.lower() in EMBEDDABLE_SUFFIXES:
+            destination = destinations.get(path, Path(path))
+            try:
+                has_caption = bool(read_description(path)) or (
+                    destination.exists() and bool(read_description(destination))
+                )
+            except MetadataError as error:
+                failures.append(str(error))
+                continue
+        if has_caption:
+            captioned += 1
+        else:
+            remaining.append(path)
+    if captioned:
+        where = " or ".join(place for place, chosen in ((".txt", sidecars), ("embedded", embedded)) if chosen)
+        advice = "" if arguments.skip_existing else " (--overwrite to redo)"
+        print(f"skipping {captioned} image(s) that already have a {where} caption{advice}", file=sys.stderr)
+    return remaining
 
 
 if __name__ == "__main__":

@@ -39,11 +39,13 @@ class CaptionTokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, up to the first EOS."""
+        """Text of `ids`, up to the first EOS, without control characters (byte-level tokens can spell any byte; a
+        caption goes to terminals, CSV files and image metadata, where those do harm)."""
         ids = list(ids)
         if self.eos_token_id in ids:
             ids = ids[: ids.index(self.eos_token_id)]
-        return self.backend.decode(ids, skip_special_tokens=True).strip()
+        text = self.backend.decode(ids, skip_special_tokens=True)
+        return "".join(character for character in text if character.isprintable()).strip()
 
     def words(self, ids: Sequence[int]) -> tuple[list[str], list[list[int]]]:
         """The words of `ids` and, for each, the positions of its tokens: a token whose text starts with a space

@@ -1,7 +1,8 @@
 """Sharing a model: a release file from a training checkpoint, and the Hugging Face Hub.
 
     python hub.py release runs/small/best.pt captioner.pt --decoding '{"num_beams": 3}'
-    python hub.py push captioner.pt user/image-captioner          # needs `huggingface-cli login` or HF_TOKEN
+    python hub.py push captioner.pt user/image-captioner          # needs `hf auth login` or HF_TOKEN
+    python hub.py deploy-space user/captioner-demo                # the app and its model as a Gradio Space
 
 `Captioner.load("user/image-captioner", revision=...)` downloads what `push` uploads.
 """
@@ -9,6 +10,7 @@
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +20,11 @@ from checkpoint import CheckpointError, load_captioner, save_captioner
 from config import DecodeConfig
 
 HUB_FILENAME = "captioner.pt"
+ROOT = Path(__file__).resolve().parent
+# What a Space runs: the code (every top-level module), what to install, the README whose front matter configures
+# the Space, and the example photos; the model is added as captioner.pt. Tests, training runs and the .git folder
+# stay behind.
+SPACE_FILES = ("*.py", "requirements.txt", "README.md", "examples/*")
 
 
 def release(source: str | os.PathLike, destination: str | os.PathLike, metadata: dict | None = None) -> dict:
@@ -88,6 +95,32 @@ def push(model_path: str | os.PathLike, repo_id: str, *, private: bool = False, 
     return str(url)
 
 
+def deploy_space(
+    repo_id: str, model_path: str | os.PathLike | None = None, *, private: bool = False, root: Path = ROOT
+) -> tuple[str, list[str]]:
+    """Create (or update) the Gradio Space `repo_id` with the app, its code and the model; returns its URL and the
+    files sent. huggingface_hub's `upload_folder` sends files over 10 MiB, such as the model, through the Hub's
+    large-file storage, which Spaces require (a plain git push of the model is refused)."""
+    from huggingface_hub import HfApi
+
+    model_path = Path(model_path) if model_path is not None else root / HUB_FILENAME
+    load_captioner(model_path)  # refuse to deploy a file that does not load
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as directory:
+        staging = Path(directory)
+        files = sorted({path for pattern in SPACE_FILES for path in root.glob(pattern) if path.is_file()})
+        for path in files:
+            (staging / path.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, staging / path.relative_to(root))
+        shutil.copy2(model_path, staging / HUB_FILENAME)
+        sent = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
+        api.upload_folder(
+            folder_path=staging, repo_id=repo_id, repo_type="space", commit_message="Deploy the image captioner"
+        )
+    return str(url), sent
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     upload.add_argument("repo_id")
     upload.add_argument("--private", action="store_true")
     upload.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    space = commands.add_parser("deploy-space", help="deploy the app and a model as a Gradio Space on the Hub")
+    space.add_argument("repo_id", help="USER/SPACE")
+    space.add_argument("--model", default=None, help=f"the model file to serve (default: this folder's {HUB_FILENAME})")
+    space.add_argument("--private", action="store_true")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "release":
@@ -109,10 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra["decoding"] = arguments.decoding
             release(arguments.source, arguments.destination, extra)
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
-        else:
+        elif arguments.command == "push":
             print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))
-    except (CheckpointError, ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        else:
+            url, sent = deploy_space(arguments.repo_id, arguments.model, private=arguments.private)
+            print(f"{url}: sent {len(sent)} files ({', '.join(sent)})")
+    except (CheckpointError, ValueError, TypeError, OSError) as error:  # the Hub's HTTP errors are OSErrors
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {first_line}", file=sys.stderr)
         return 2
     return 0
 

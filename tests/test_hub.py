@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,59 @@ def test_release_of_a_real_training_checkpoint_loads(tmp_path, tiny_model, tiny_
         == 0
     )
     assert load_captioner(tmp_path / "out.pt")[2]["decoding"] == {"num_beams": 2}
+
+
+class _SpaceHub:
+    """A stand-in for the Hub's two calls that deploy-space makes; it keeps the files it is sent, as the Hub would."""
+
+    def __init__(self):
+        self.calls, self.files = [], {}
+
+    def create_repo(self, api, repo_id, **options):
+        self.calls.append(("create_repo", repo_id, options))
+        return f"https://huggingface.co/spaces/{repo_id}"
+
+    def upload_folder(self, api, *, folder_path, repo_id, repo_type, **options):
+        self.calls.append(("upload_folder", repo_id, repo_type))
+        root = Path(folder_path)
+        self.files = {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def test_deploy_space_creates_a_gradio_space_and_sends_the_app_its_code_and_the_model(
+    tmp_path, tiny_model, tiny_tokenizer, monkeypatch
+):
+    from huggingface_hub import HfApi
+
+    from checkpoint import save_captioner
+
+    save_captioner(tmp_path / "model.pt", tiny_model, tiny_tokenizer, {"trained_on": "fixture"})
+    hub_stand_in = _SpaceHub()
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **o: hub_stand_in.create_repo(api, repo_id, **o))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **o: hub_stand_in.upload_folder(api, **o))
+    assert hub.main(["deploy-space", "user/captioner-demo", "--model", str(tmp_path / "model.pt")]) == 0
+
+    assert hub_stand_in.calls == [
+        ("create_repo", "user/captioner-demo", {"repo_type": "space", "space_sdk": "gradio", "private": False,
+                                                "exist_ok": True}),
+        ("upload_folder", "user/captioner-demo", "space"),
+    ]  # fmt: skip
+    files = hub_stand_in.files
+    assert files["captioner.pt"] == (tmp_path / "model.pt").read_bytes()  # the model chosen, under the app's name
+    for name in ("app.py", "model.py", "captioner.py", "requirements.txt", "examples/cat.jpg", "examples/CREDITS.md"):
+        assert files[name] == (ROOT / name).read_bytes(), name
+    front_matter = files["README.md"].decode().split("---")[1]
+    assert "sdk: gradio" in front_matter and "app_file: app.py" in front_matter
+    assert not [name for name in files if name.startswith(("tests/", ".venv/", ".git/", "runs/"))]
+    # Every module the app imports is there, so the Space starts.
+    imported = {
+        line.split()[1].split(".")[0]
+        for line in files["app.py"].decode().splitlines()
+        if line.startswith(("from ", "import "))
+    }
+    assert {name + ".py" for name in imported if (ROOT / f"{name}.py").exists()} <= set(files)
+
+
+def test_deploy_space_refuses_a_model_that_does_not_load(tmp_path, capsys):
+    (tmp_path / "broken.pt").write_bytes(b"not a model")
+    assert hub.main(["deploy-space", "user/demo", "--model", str(tmp_path / "broken.pt")]) == 2
+    assert "broken.pt" in capsys.readouterr().err

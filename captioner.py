@@ -26,6 +26,7 @@ from config import DecodeConfig
 from devices import default_device, to_dtype
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
+from speculative import DraftTable, speculative_greedy
 from tokenizer import CaptionTokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "captioner.pt"
@@ -72,6 +73,9 @@ class Captioner:
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self.transform = ImageTransform.for_model(model.config)
+        # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
+        # drafted tokens per pass, with the same output (speculative.py).
+        self.draft = DraftTable.from_dict(self.metadata["draft"]) if "draft" in self.metadata else None
 
     @classmethod
     def load(
@@ -159,15 +163,14 @@ class Captioner:
         prefix_ids = self._prefix_ids(config)
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        generation = decoding.generate(
-            self.model,
-            encoded.tokens,
-            config,
-            bos_token_id=self.tokenizer.bos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            generator=generator,
-            prefix_ids=prefix_ids,
-        )
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if config.strategy == "greedy" and self.draft is not None:
+            generation, _ = speculative_greedy(self.model, encoded.tokens, config, (bos, *prefix_ids), eos, self.draft)
+        else:
+            generation = decoding.generate(
+                self.model, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
+                prefix_ids=prefix_ids,
+            )  # fmt: skip
         captions = []
         for image in range(encoded.tokens.shape[0]):
             ranked = []

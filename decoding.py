@@ -92,7 +92,7 @@ def keep_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def _process(scores: Tensor, tokens: Tensor, generated: int, config: DecodeConfig, eos_token_id: int) -> Tensor:
+def process_scores(scores: Tensor, tokens: Tensor, generated: int, config: DecodeConfig, eos_token_id: int) -> Tensor:
     """Apply the penalties and constraints of `config` to next-token scores (rows, vocab)."""
     scores = penalise_repetitions(scores, tokens[:, 1:], config.repetition_penalty)  # BOS excluded: see module doc
     scores = block_repeated_ngrams(scores, tokens, config.no_repeat_ngram_size)
@@ -151,7 +151,7 @@ def _one_token_per_step(
     finished = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
     chosen_logprobs = []
     for step in range(config.max_new_tokens):
-        scores = _process(logits.float(), tokens, step, config, eos_token_id)
+        scores = process_scores(logits.float(), tokens, step, config, eos_token_id)
         next_tokens = torch.where(finished, eos_token_id, choose(scores))
         logprobs = logits.float().log_softmax(-1).gather(1, next_tokens[:, None])[:, 0]
         chosen_logprobs.append(torch.where(finished, 0.0, logprobs))
@@ -166,12 +166,12 @@ def _one_token_per_step(
     return Generation(
         generated.view(*shape, -1),
         token_logprobs.view(*shape, -1),
-        _lengths(generated, eos_token_id).view(shape),
+        caption_lengths(generated, eos_token_id).view(shape),
         token_logprobs.sum(1).view(shape),
     )
 
 
-def _lengths(generated: Tensor, eos_token_id: int) -> Tensor:
+def caption_lengths(generated: Tensor, eos_token_id: int) -> Tensor:
     """Tokens up to and including the first EOS (all of them where there is none)."""
     is_eos = generated == eos_token_id
     return torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
@@ -244,7 +244,7 @@ def _beam_step(
     candidates = 2 * beams  # enough that `beams` of them can go on even if up to `beams` just ended
     raw_logprobs = logits.float().log_softmax(-1)  # (B*K, V)
     flat_tokens = state.running[:, :, :length].reshape(images * beams, length)
-    logprobs = _process(raw_logprobs, flat_tokens, generated, config, eos_token_id)
+    logprobs = process_scores(raw_logprobs, flat_tokens, generated, config, eos_token_id)
     vocab = logprobs.shape[-1]
     totals = (logprobs.view(images, beams, vocab) + state.running_scores[:, :, None]).view(images, beams * vocab)
     top_scores, top_indices = totals.topk(candidates, dim=1)  # (B, 2K)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from checkpoint import CheckpointError, load_captioner, save_captioner
 from config import DecodeConfig
+from data import DataError, load_split
+from speculative import DraftTable
 
 HUB_FILENAME = "captioner.pt"
 ROOT = Path(__file__).resolve().parent
@@ -27,10 +29,22 @@ ROOT = Path(__file__).resolve().parent
 SPACE_FILES = ("*.py", "requirements.txt", "README.md", "examples/*")
 
 
-def release(source: str | os.PathLike, destination: str | os.PathLike, metadata: dict | None = None) -> dict:
-    """A shippable model file: float16 weights, no optimizer or training state, metadata merged in."""
+def release(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    metadata: dict | None = None,
+    data: str | os.PathLike | None = None,
+) -> dict:
+    """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
+
+    With `data` (the training data set), the file also carries what is made from the training split: the n-gram
+    draft table of its captions, for speculative greedy decoding.
+    """
     model, tokenizer, saved = load_captioner(source)
     merged = {**saved, **(metadata or {})}
+    if data is not None:
+        captions = [tokenizer.encode(caption) for item in load_split(data, "train") for caption in item.captions]
+        merged["draft"] = DraftTable.from_captions(captions, tokenizer.bos_token_id, tokenizer.eos_token_id).to_dict()
     if "decoding" in merged:
         DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour
     save_captioner(destination, model, tokenizer, merged, half=True)
@@ -129,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("destination")
     make.add_argument("--decoding", type=json.loads, default=None, help="recommended decoding options (JSON)")
     make.add_argument("--metadata", type=json.loads, default=None, help="more metadata to record (JSON object)")
+    make.add_argument("--data", default=None, help="the training data set: its captions' draft table goes in the file")
     upload = commands.add_parser("push", help="upload a model file and a model card to the Hugging Face Hub")
     upload.add_argument("model")
     upload.add_argument("repo_id")
@@ -144,14 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = dict(arguments.metadata or {})
             if arguments.decoding is not None:
                 extra["decoding"] = arguments.decoding
-            release(arguments.source, arguments.destination, extra)
+            release(arguments.source, arguments.destination, extra, arguments.data)
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
         elif arguments.command == "push":
             print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))
         else:
             url, sent = deploy_space(arguments.repo_id, arguments.model, private=arguments.private)
             print(f"{url}: sent {len(sent)} files ({', '.join(sent)})")
-    except (CheckpointError, ValueError, TypeError, OSError) as error:  # the Hub's HTTP errors are OSErrors
+    except (CheckpointError, DataError, ValueError, TypeError, OSError) as error:  # Hub HTTP errors are OSErrors
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {first_line}", file=sys.stderr)
         return 2

@@ -441,3 +441,8 @@ class CaptionModel(nn.Module):
         """Logits (B, vocab) for the token after `input_ids` (B, T), which continue what `cache` holds."""
         hidden = self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache)
         return self.logits(hidden[:, -1])
+
+    def decode_positions(self, input_ids: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, T, vocab) after each position of `input_ids` (B, T), which continue what `cache` holds: one
+        forward pass checks several drafted tokens at once (speculative decoding)."""
+        return self.logits(self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache))

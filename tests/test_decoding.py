@@ -38,7 +38,7 @@ def _hf_generate(model, image_tokens, prompt=(BOS,), **options) -> torch.Tensor:
 
 
 def _ends_at_different_steps(sequences: torch.Tensor) -> bool:
-    lengths = decoding._lengths(sequences, EOS)
+    lengths = decoding.caption_lengths(sequences, EOS)
     return len(set(lengths.tolist())) > 1
 
 

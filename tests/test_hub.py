@@ -163,3 +163,31 @@ def test_deploy_space_refuses_a_model_that_does_not_load(tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"not a model")
     assert hub.main(["deploy-space", "user/demo", "--model", str(tmp_path / "broken.pt")]) == 2
     assert "broken.pt" in capsys.readouterr().err
+
+
+def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_captions_the_same(
+    tmp_path, captioning_model, tiny_tokenizer
+):
+    import shutil
+
+    from captioner import Captioner
+    from checkpoint import save_captioner
+    from config import DecodeConfig
+
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    for index, photo in enumerate(sorted((ROOT / "examples").glob("*.jpg"))):
+        shutil.copy(photo, data / photo.name)
+        (data / photo.name).with_suffix(".txt").write_text(f"a dog runs on the grass\na photo number {index}\n")
+    save_captioner(tmp_path / "best.pt", captioning_model, tiny_tokenizer, {"trained_on": "fixture"})
+    assert hub.main(["release", str(tmp_path / "best.pt"), str(tmp_path / "out.pt"), "--data", str(data.parent)]) == 0
+    fast = Captioner.load(tmp_path / "out.pt", device="cpu")
+    assert (
+        fast.draft is not None
+        and fast.draft.draft([tiny_tokenizer.bos_token_id], 1, 0) == tiny_tokenizer.encode("a")[:1]
+    )
+    plain = Captioner(*load_captioner(tmp_path / "out.pt")[:2], device="cpu")  # no metadata, so no draft table
+    photos = sorted((ROOT / "examples").glob("*.jpg"))
+    greedy = DecodeConfig(strategy="greedy", max_new_tokens=12)
+    assert [c.token_ids for c in fast.caption(photos, greedy)] == [c.token_ids for c in plain.caption(photos, greedy)]
+    assert hub.main(["release", str(tmp_path / "best.pt"), str(tmp_path / "x.pt"), "--data", str(tmp_path / "no")]) == 2

@@ -22,16 +22,22 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import decoding
+from captioner import Captioner
 from config import PRESETS, DecodeConfig
+from data import load_split
 from devices import DTYPES
 from model import CaptionModel
 from pretrained import to_gpt2
+from speculative import DraftTable, speculative_greedy
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def _timed(run: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -140,6 +146,46 @@ def latency_split(name: str, repeats: int, dtype: torch.dtype = torch.float32) -
     return {"preset": name, "encoder_ms": encoder * 1000, "decoder_ms": decoder * 1000, "step_mb": read / 1e6}
 
 
+def speculative_report(model_path: str | None, data: str | None, limit: int, dtype: torch.dtype) -> dict:
+    """Plain greedy against speculative greedy on a trained model, one image at a time (the app's case), on the
+    data's test split (or examples/): the same ids?, tokens per forward pass, and milliseconds per caption."""
+    captioner = Captioner.load(model_path, device="cpu", dtype=dtype)
+    tokenizer = captioner.tokenizer
+    table = captioner.draft
+    if data is not None:
+        images = [item.image for item in load_split(data, "test")[:limit]]
+        if table is None:
+            captions = [tokenizer.encode(c) for item in load_split(data, "train") for c in item.captions]
+            table = DraftTable.from_captions(captions, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    else:
+        images = sorted(EXAMPLES.glob("*.jpg"))[:limit]
+    if table is None:
+        raise ValueError("the model file has no draft table: pass --data with the training data set")
+    config = dataclasses.replace(captioner.default_config(), strategy="greedy", num_return_sequences=1)
+    prompt, eos = (tokenizer.bos_token_id,), tokenizer.eos_token_id
+    encoded = [captioner.encode([image]).tokens for image in images]
+    plain_seconds = speculative_seconds = 0.0
+    same, tokens, passes = 0, 0, 0
+    for image_tokens in encoded:
+        started = time.perf_counter()
+        plain = decoding.generate(captioner.model, image_tokens, config, bos_token_id=prompt[0], eos_token_id=eos)
+        plain_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        fast, used = speculative_greedy(captioner.model, image_tokens, config, prompt, eos, table)
+        speculative_seconds += time.perf_counter() - started
+        length = int(plain.lengths[0, 0])
+        same += int(
+            int(fast.lengths[0, 0]) == length
+            and torch.equal(fast.sequences[0, 0, :length], plain.sequences[0, 0, :length])
+        )
+        tokens, passes = tokens + length, passes + used
+    count = len(encoded)
+    return {
+        "images": count, "same": same, "tokens_per_pass": tokens / passes,
+        "plain_ms": plain_seconds / count * 1000, "speculative_ms": speculative_seconds / count * 1000,
+    }  # fmt: skip
+
+
 HEADER = (
     "| preset | decoding | batch | ours captions/s | transformers captions/s | ours / transformers | same tokens "
     "| bound captions/s | bound / transformers |"
@@ -160,7 +206,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per caption (default 20)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median reported (default 5)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of both decoders")
+    parser.add_argument(
+        "--speculative", action="store_true", help="instead: plain vs speculative greedy on a trained model's captions"
+    )
+    parser.add_argument("--model", default=None, help="with --speculative: the model file (default: captioner.pt)")
+    parser.add_argument("--data", default=None, help="with --speculative: the data set (test images, train captions)")
+    parser.add_argument("--limit", type=int, default=100, help="with --speculative: images captioned")
     arguments = parser.parse_args(argv)
+    if arguments.speculative:
+        report = speculative_report(arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype])
+        print(
+            f"{report['images']} images, {arguments.dtype}, greedy one image at a time: identical ids for "
+            f"{report['same']} of {report['images']}; {report['tokens_per_pass']:.2f} tokens per decoder pass; "
+            f"plain {report['plain_ms']:.1f} ms, speculative {report['speculative_ms']:.1f} ms a caption "
+            f"({report['plain_ms'] / report['speculative_ms']:.2f}x)"
+        )
+        return 0
     new_tokens = arguments.new_tokens or (10 if arguments.quick else 20)
     repeats = arguments.repeats or (1 if arguments.quick else 5)
     print(

@@ -147,8 +147,28 @@ def train(config: TrainConfig) -> dict:
                 max_new_tokens=train_data.max_tokens, generator=torch.Generator(device).manual_seed(seed),
             )  # fmt: skip
 
-    # ---- the loop ----
     board = _tensorboard(out_dir) if is_main else None
+
+    def end_of_epoch(epoch: int, seconds: float) -> None:
+        """Validate, keep the best model, record the epoch's metrics and save last.pt (rank 0); all ranks wait."""
+        metrics = {"epoch": epoch + 1, "step": state.step, "epoch_seconds": round(seconds, 1)}
+        if is_main:
+            if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == total_steps):
+                metrics |= validate(model, tokenizer, val_data, config, device, dtype)
+                score = metrics.get("CIDEr", -metrics["val_loss"])
+                if score > state.best_cider:
+                    state.best_cider = score
+                    save(best_path, metrics)
+            state.history.append(metrics)
+            logger.info("epoch %d done in %.0f s: %s", epoch + 1, seconds, metrics)
+            _append_csv(out_dir / "metrics.csv", metrics)
+            _board(board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
+            save(last_path, metrics)
+        model.train()
+        if world > 1:
+            dist.barrier()
+
+    # ---- the loop: sample a batch, loss, optimizer step; at an epoch's end, validate and save ----
     runner, encoder_training = None, None
     progress, epoch_started, step_times, losses, rewards = None, time.perf_counter(), [], [], []
     while state.step < stop_step:
@@ -199,29 +219,9 @@ def train(config: TrainConfig) -> dict:
         if not epoch_done:
             continue
 
-        # End of an epoch: validate, keep the best, record, save.
         progress.close()
         progress = None
-        metrics = {
-            "epoch": epoch + 1,
-            "step": state.step,
-            "epoch_seconds": round(time.perf_counter() - epoch_started, 1),
-        }
-        if is_main:
-            if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == total_steps):
-                metrics |= validate(model, tokenizer, val_data, config, device, dtype)
-                score = metrics.get("CIDEr", -metrics["val_loss"])
-                if score > state.best_cider:
-                    state.best_cider = score
-                    save(best_path, metrics)
-            state.history.append(metrics)
-            logger.info("epoch %d done in %.0f s: %s", epoch + 1, metrics["epoch_seconds"], metrics)
-            _append_csv(out_dir / "metrics.csv", metrics)
-            _board(board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
-            save(last_path, metrics)
-        model.train()
-        if world > 1:
-            dist.barrier()
+        end_of_epoch(epoch, time.perf_counter() - epoch_started)
     if board is not None:
         board.close()
     if world > 1:

@@ -23,7 +23,7 @@ import decoding
 import hub
 from checkpoint import load_captioner
 from config import DecodeConfig
-from devices import default_device, to_dtype
+from devices import default_device, inference_dtype
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
 from speculative import DraftTable, speculative_greedy
@@ -68,10 +68,10 @@ class Captioner:
         dtype: str | torch.dtype = torch.float32,
     ):
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = to_dtype(dtype)
+        self.metadata = dict(metadata or {})
+        self.dtype = inference_dtype(dtype, self.device, self.metadata.get("precision"))
         self.model = model.to(self.device, self.dtype).eval()
         self.tokenizer = tokenizer
-        self.metadata = dict(metadata or {})
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
         # drafted tokens per pass, with the same output (speculative.py).
@@ -83,11 +83,12 @@ class Captioner:
         source: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "auto",
     ) -> "Captioner":
         """From a model file, a safetensors folder, or a Hugging Face Hub repo id ("user/repo"; `revision` pins it).
 
-        Default: the `captioner.pt` shipped with this repository. `dtype`: a torch dtype or a precision name.
+        Default: the `captioner.pt` shipped with this repository. `dtype`: a torch dtype or a precision name;
+        "auto" runs the precision recorded with the model where this machine computes it natively, else float32.
         """
         path = Path(source) if source is not None else DEFAULT_MODEL
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):

@@ -59,10 +59,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument(
         "--dtype",
-        choices=[name for name in PRECISIONS if name != "auto"],
-        default="float32",
-        help="precision of the weights; bfloat16 decodes faster on GPUs and on CPUs with AVX-512 BF16, "
-        "with slightly different captions (README: Speed; default: float32)",
+        choices=PRECISIONS,
+        default="auto",
+        help="precision of the weights; auto (the default): the one recorded with the model, where this machine "
+        "computes it natively, else float32 (README: Speed)",
     )
 
 

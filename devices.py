@@ -52,3 +52,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return native_half(device)
     dtype = to_dtype(precision)
     return None if dtype == torch.float32 else dtype
+
+
+def inference_dtype(precision: str | torch.dtype, device: torch.device, recorded: str | None = None) -> torch.dtype:
+    """The dtype to run a model in. "auto": the precision recorded with the model (the fastest whose test scores
+    matched float32's when it was released) where this device computes it natively, else float32."""
+    if precision != "auto":
+        return to_dtype(precision)
+    if recorded is None or to_dtype(recorded) == torch.float32:
+        return torch.float32
+    return to_dtype(recorded) if native_half(device) == to_dtype(recorded) else torch.float32

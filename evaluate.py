@@ -12,15 +12,86 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from captioner import DEFAULT_MODEL
+from captioner import DEFAULT_MODEL, Captioner
 from checkpoint import CheckpointError, update_metadata
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
 from data import DataError, load_split
+from devices import native_half
 from images import ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
+
+
+def encode_split(captioner: Captioner, items: list, batch_size: int) -> tuple[list, dict[str, list[str]]]:
+    """Each readable image's encoding, in batches of (names, EncodedImages), and its references by name."""
+    encoded, references, skipped = [], {}, []
+    for start in tqdm(range(0, len(items), batch_size), desc="encoding", unit="batch"):
+        pictures, keys = [], []
+        batch = items[start : start + batch_size]
+        for item, picture in zip(batch, load_each([item.image for item in batch]), strict=True):
+            if isinstance(picture, ImageError):
+                skipped.append(str(picture))
+                continue
+            pictures.append(picture)
+            keys.append(item.image.name)
+            references[item.image.name] = list(item.captions)
+        if pictures:
+            encoded.append((keys, captioner.encode(pictures)))
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}", file=sys.stderr)
+    return encoded, references
+
+
+def caption_encoded(captioner: Captioner, encoded: list, config: DecodeConfig) -> dict[str, str]:
+    """Every image's caption, decoding encodings made once by `encode_split`."""
+    return {
+        key: caption.text
+        for keys, tokens in tqdm(encoded, desc="captioning", unit="batch", leave=False)
+        for key, caption in zip(keys, captioner.caption(tokens, config), strict=True)
+    }
+
+
+# A faster precision is used by default ("auto") only if its scores stay this close to float32's.
+PRECISION_TOLERANCE = {"CIDEr": 0.01, "BLEU-4": 0.01}
+
+
+def choose_precision(
+    arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
+    references: dict,
+) -> int:  # fmt: skip
+    """Score the model in float32 and in this machine's native half precision; record in the model file the faster
+    one whose scores are within PRECISION_TOLERANCE of float32's, so that `--dtype auto` uses it."""
+    scores = {"float32": score_captions(references, captions)}
+    half = native_half(float32.device)
+    if half is not None:
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[half]
+        captioner = Captioner.load(arguments.model, device=float32.device, revision=arguments.revision, dtype=name)
+        encoded, _ = encode_split(captioner, items, arguments.batch_size)
+        scores[name] = score_captions(references, caption_encoded(captioner, encoded, config))
+    for name, values in scores.items():
+        print(f"{name}: {format_metrics(values)}")
+    chosen = "float32"
+    for name, values in scores.items():
+        if all(
+            abs(values[metric] - scores["float32"][metric]) <= limit for metric, limit in PRECISION_TOLERANCE.items()
+        ):
+            chosen = name  # later entries are faster
+    print(f"recorded precision: {chosen}")
+    update_metadata(
+        arguments.model or DEFAULT_MODEL,
+        {
+            "precision": chosen,
+            "precision_scores": {
+                name: {metric: round(values[metric], 4) for metric in PRECISION_TOLERANCE}
+                for name, values in scores.items()
+            },
+            "precision_split": arguments.split,
+        },
+    )
+    return 0
 
 
 def _sweep_values(text: str) -> tuple[str, list]:
@@ -49,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--save-metrics", action="store_true", help="record the scores in the model file's metadata (its card)"
     )
     parser.add_argument(
+        "--choose-precision",
+        action="store_true",
+        help="score float32 and this machine's native half precision; record in the model file the faster one\n"
+        "whose CIDEr and BLEU-4 are within 0.01 of float32's (what --dtype auto then uses)",
+    )
+    parser.add_argument(
         "--sweep",
         nargs="+",
         type=_sweep_values,
@@ -67,35 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = load_split(arguments.data, arguments.split)
         if arguments.limit:
             items = items[: arguments.limit]
+        if arguments.choose_precision:
+            arguments.dtype = "float32"  # the baseline the faster precisions are held to
         captioner = load_captioner(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    encoded, references, skipped = [], {}, []
-    for start in tqdm(range(0, len(items), arguments.batch_size), desc="encoding", unit="batch"):
-        pictures, keys = [], []
-        batch = items[start : start + arguments.batch_size]
-        for item, picture in zip(batch, load_each([item.image for item in batch]), strict=True):
-            if isinstance(picture, ImageError):
-                skipped.append(str(picture))
-                continue
-            pictures.append(picture)
-            keys.append(item.image.name)
-            references[item.image.name] = list(item.captions)
-        if pictures:
-            encoded.append((keys, captioner.encode(pictures)))
-    if skipped:
-        print(f"warning: {len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}", file=sys.stderr)
+    encoded, references = encode_split(captioner, items, arguments.batch_size)
 
     def caption_all(config: DecodeConfig) -> dict[str, str]:
-        """Every image's caption, decoding the encodings made once above."""
-        return {
-            key: caption.text
-            for keys, tokens in tqdm(encoded, desc="captioning", unit="batch", leave=False)
-            for key, caption in zip(keys, captioner.caption(tokens, config), strict=True)
-        }
+        return caption_encoded(captioner, encoded, config)
 
+    if arguments.choose_precision:
+        return choose_precision(arguments, items, captioner, config, caption_all(config), references)
     if arguments.sweep:
         for values in itertools.product(*(values for _, values in arguments.sweep)):
             setting = dict(zip((name for name, _ in arguments.sweep), values, strict=True))

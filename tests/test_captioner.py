@@ -156,3 +156,21 @@ def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int8")
+
+
+def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_natively(
+    tmp_path, captioning_model, tiny_tokenizer, monkeypatch
+):
+    import devices
+
+    save_captioner(tmp_path / "recorded.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
+    save_captioner(tmp_path / "plain.pt", captioning_model, tiny_tokenizer, {})
+    without_bf16 = frozenset({"sse4_2", "avx2", "avx512f"})  # an AVX-512 CPU without the BF16 extension
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.float32
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
+    assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"amx_bf16"})
+    assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.bfloat16
+    assert Captioner.load(tmp_path / "plain.pt", device="cpu").dtype == torch.float32  # nothing recorded: float32
+    assert Captioner.load(tmp_path / "recorded.pt", device="cpu", dtype="float32").dtype == torch.float32

@@ -87,3 +87,29 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
         evaluate.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--split", "val"]) == 2
     )
     assert "no 'val' split" in capsys.readouterr().err
+
+
+@needs_java
+@pytest.mark.slow
+@pytest.mark.parametrize("native", [None, "bfloat16"])
+def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_float32(
+    tmp_path, captioning_model, tiny_tokenizer, monkeypatch, capsys, native
+):
+    import torch
+
+    from checkpoint import load_captioner, save_captioner
+
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    for name in ("cat.jpg", "coffee.jpg", "rocket.jpg"):
+        shutil.copy(ROOT / "examples" / name, tmp_path / "data" / "test" / name)
+        (tmp_path / "data" / "test" / name).with_suffix(".txt").write_text("a photo\nsomething\n")
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
+    monkeypatch.setattr(evaluate, "native_half", lambda device: None if native is None else torch.bfloat16)
+    argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
+    assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
+    metadata = load_captioner(tmp_path / "model.pt")[2]
+    scores = metadata["precision_scores"]
+    assert set(scores) == {"float32"} | ({native} if native else set())
+    close = native and all(abs(scores[native][m] - scores["float32"][m]) <= 0.01 for m in ("CIDEr", "BLEU-4"))
+    assert metadata["precision"] == (native if close else "float32")
+    assert f"recorded precision: {metadata['precision']}" in capsys.readouterr().out

@@ -33,6 +33,10 @@ from images import IMAGE_SUFFIXES, ImageError, load_image
 from serving import BatchingCaptioner
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+UNFAMILIAR_NOTE = (
+    "⚠️ **This photo looks unlike the photos this model learned from, so the caption is probably wrong.** "
+    "It knows everyday photos of people, dogs and outdoor scenes."
+)
 MAX_BATCH_FILES = 200
 MAX_ZIP_BYTES = 300 * 1024 * 1024  # uncompressed total of one .zip
 QUEUE_SIZE = 64  # requests waiting beyond this are told the server is busy
@@ -200,6 +204,8 @@ def _details(caption: Caption, config: DecodeConfig) -> dict:
         "confidence": round(caption.confidence, 4),
         "score": round(caption.score, 4),
         "num_tokens": len(caption.token_ids),
+        "familiarity": None if caption.familiarity is None else round(caption.familiarity, 4),
+        "unfamiliar": caption.unfamiliar,
         "alternatives": [
             {"caption": other.text, "confidence": round(other.confidence, 4), "score": round(other.score, 4)}
             for other in caption.alternatives
@@ -269,6 +275,8 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
             choices=[(word, index) for index, word in enumerate(words)], value=0, visible=bool(words)
         )
         confidence = f"Confidence {caption.confidence:.0%}"
+        if caption.unfamiliar:
+            confidence += f"\n\n{UNFAMILIAR_NOTE}"
         return caption.text, _details(caption, config), confidence, rows, word_choice, overlay, state
 
     def show_word(position, state):
@@ -288,7 +296,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
             caption = gr.Textbox(
                 label="Caption", elem_id="caption-text", lines=2, buttons=["copy"], elem_classes="caption-text"
             )
-            confidence = gr.Markdown(label="Confidence")
+            confidence = gr.Markdown(label="Confidence", elem_id="caption-confidence")
             table = gr.Dataframe(
                 headers=["caption", "confidence", "score"], label="Best caption and alternatives", interactive=False
             )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from captioner import Caption
 from checkpoint import CheckpointError, atomic_write
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
@@ -62,18 +63,22 @@ def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[s
     return images, missing, not_images
 
 
-def _lines(results: Iterator[tuple[str, str, float]], output_format: str) -> Iterator[str]:
+def _lines(results: Iterator[tuple[str, str, Caption]], output_format: str) -> Iterator[str]:
+    """Output lines; jsonl and csv also carry the confidence and familiarity (empty where the model has no bank)."""
     if output_format == "csv":
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["image", "caption", "confidence"])
+        csv.writer(buffer).writerow(["image", "caption", "confidence", "familiarity", "unfamiliar"])
         yield buffer.getvalue()
-    for image, text, confidence in results:
+    for image, text, caption in results:
+        familiarity = None if caption.familiarity is None else round(caption.familiarity, 4)
         if output_format == "jsonl":
-            yield json.dumps({"image": image, "caption": text, "confidence": round(confidence, 4)}) + "\n"
+            row = {"image": image, "caption": text, "confidence": round(caption.confidence, 4)}
+            yield json.dumps(row | {"familiarity": familiarity, "unfamiliar": caption.unfamiliar}) + "\n"
         elif output_format == "csv":
+            unfamiliar = "" if caption.unfamiliar is None else str(caption.unfamiliar).lower()
             buffer = io.StringIO()
-            csv.writer(buffer).writerow([image, text, f"{confidence:.4f}"])
+            known = "" if familiarity is None else f"{familiarity:.4f}"
+            csv.writer(buffer).writerow([image, text, f"{caption.confidence:.4f}", known, unfamiliar])
             yield buffer.getvalue()
         else:
             yield f"{image}\t{text}\n"
@@ -144,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    def results() -> Iterator[tuple[str, str, float]]:
+    unfamiliar: list[str] = []
+
+    def results() -> Iterator[tuple[str, str, Caption]]:
         progress = tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not paths)
         for path, result in zip(
             paths, captioner.caption_each(paths, config, batch_size=arguments.batch_size), strict=True
@@ -163,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except MetadataError as error:
                     failures.append(str(error))
                     continue
-            yield path, text, result.confidence
+            if result.unfamiliar:
+                unfamiliar.append(path)
+            yield path, text, result
         progress.close()
 
     try:
@@ -179,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if unfamiliar:
+        print(
+            f"note: {len(unfamiliar)} photo(s) look unlike the photos the model learned from; their captions are "
+            f"probably wrong: {', '.join(unfamiliar[:5])}{' ...' if len(unfamiliar) > 5 else ''}",
+            file=sys.stderr,
+        )
     for failure in failures:
         print(f"skipped {failure}", file=sys.stderr)
     if failures:

@@ -20,10 +20,10 @@ from PIL import Image
 from torch import Tensor
 
 import decoding
-import hub
-from checkpoint import load_captioner
+from checkpoint import download, load_captioner
 from config import DecodeConfig
 from devices import default_device, inference_dtype
+from familiarity import FamiliarityBank, image_embedding
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
 from speculative import DraftTable, speculative_greedy
@@ -42,6 +42,8 @@ class Caption:
     words: tuple[str, ...] = ()  # the caption's words, when attention was requested
     attention: np.ndarray | None = None  # (len(words), grid_h, grid_w): where the model looked for each word
     alternatives: tuple["Caption", ...] = field(default=())  # the other returned captions, best first
+    familiarity: float | None = None  # how close the photo is to the training photos (familiarity.py); None: the
+    unfamiliar: bool | None = None  # model file has no bank. True: unlike them, the caption is probably wrong
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Captioner:
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
         # drafted tokens per pass, with the same output (speculative.py).
         self.draft = DraftTable.from_dict(self.metadata["draft"]) if "draft" in self.metadata else None
+        familiar = self.metadata.get("familiarity")
+        self.familiarity = FamiliarityBank.from_dict(familiar) if familiar else None
 
     @classmethod
     def load(
@@ -92,7 +96,7 @@ class Captioner:
         """
         path = Path(source) if source is not None else DEFAULT_MODEL
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
-            path = hub.download(str(source), revision)
+            path = download(str(source), revision)
         model, tokenizer, metadata = load_captioner(path)
         return cls(model, tokenizer, metadata, device=device, dtype=dtype)
 
@@ -172,11 +176,19 @@ class Captioner:
                 self.model, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
                 prefix_ids=prefix_ids,
             )  # fmt: skip
+        familiarity = [None] * encoded.tokens.shape[0]
+        if self.familiarity is not None:
+            familiarity = self.familiarity.score(image_embedding(encoded.tokens)).tolist()
         captions = []
-        for image in range(encoded.tokens.shape[0]):
+        for image, familiar in enumerate(familiarity):
+            known = (
+                {}
+                if familiar is None
+                else {"familiarity": familiar, "unfamiliar": familiar < self.familiarity.threshold}
+            )
             ranked = []
             for rank in range(generation.sequences.shape[1]):
-                caption = self._ranked_caption(generation, image, rank, prefix_ids)
+                caption = dataclasses.replace(self._ranked_caption(generation, image, rank, prefix_ids), **known)
                 if attention:
                     caption = self._with_attention(caption, prefix_ids, encoded.tokens[image : image + 1])
                 ranked.append(caption)

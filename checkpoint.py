@@ -31,6 +31,8 @@ from tokenizer import CaptionTokenizer
 FORMAT = "image-captioner"
 FORMAT_VERSION = 1
 SAFETENSORS_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+HUB_FILENAME = "captioner.pt"  # the model file's name in a Hub repository
+_METADATA = "metadata."  # the prefix of metadata tensors stored in model.safetensors
 
 
 MAX_MESSAGE = 200  # characters: an error is one short line, not a library's paragraph
@@ -181,6 +183,18 @@ def _build(name: str, contents: dict) -> tuple[CaptionModel, CaptionTokenizer, d
     return model.eval(), tokenizer, dict(contents.get("metadata") or {})
 
 
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The model file of a Hub repository (cached; `revision` pins a branch, tag or commit)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, HUB_FILENAME, revision=revision))
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{repo_id}: cannot get {HUB_FILENAME} from the Hugging Face Hub ({detail})") from error
+
+
 def export_safetensors(
     directory: str | os.PathLike, model: CaptionModel, tokenizer: CaptionTokenizer, metadata: dict | None = None
 ) -> list[Path]:
@@ -189,7 +203,13 @@ def export_safetensors(
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(model.config)}
-    config["metadata"] = dict(metadata or {})
+    # Tensors in the metadata (the familiarity bank) go into model.safetensors, the rest into config.json.
+    config["metadata"] = {}
+    for key, value in (metadata or {}).items():
+        if isinstance(value, dict):
+            state |= {f"{_METADATA}{key}.{k}": v.contiguous() for k, v in value.items() if isinstance(v, torch.Tensor)}
+            value = {k: v for k, v in value.items() if not isinstance(v, torch.Tensor)}
+        config["metadata"][key] = value
     atomic_write(directory / "model.safetensors", lambda temporary: save_file(state, temporary))
     atomic_write(directory / "config.json", lambda temporary: Path(temporary).write_text(json.dumps(config, indent=2)))
     atomic_write(directory / "tokenizer.json", lambda temporary: Path(temporary).write_text(tokenizer.to_json()))
@@ -213,7 +233,11 @@ def import_safetensors(directory: str | os.PathLike) -> tuple[CaptionModel, Capt
         state_dict = load_file(os.path.join(name, "model.safetensors"))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{name}: model.safetensors is truncated or corrupt ({_detail(error)})") from error
-    contents = {**config, "tokenizer": tokenizer_json, "state_dict": state_dict}
+    metadata = dict(config.get("metadata") or {})
+    for key in [key for key in state_dict if key.startswith(_METADATA)]:
+        part, field_name = key.removeprefix(_METADATA).split(".", 1)
+        metadata.setdefault(part, {})[field_name] = state_dict.pop(key)
+    contents = {**config, "metadata": metadata, "tokenizer": tokenizer_json, "state_dict": state_dict}
     return _build(name, contents)
 
 

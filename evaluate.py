@@ -21,7 +21,8 @@ from cli import add_arguments, add_model_arguments, given_arguments, load_captio
 from config import DecodeConfig
 from data import DataError, load_split
 from devices import native_half
-from images import ImageError, load_each
+from familiarity import auroc
+from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
 
 
@@ -94,6 +95,45 @@ def choose_precision(
     return 0
 
 
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+OUT_OF_DOMAIN_EXAMPLES = ("cat.jpg", "coffee.jpg", "rocket.jpg")
+
+
+def familiarity_report(
+    captioner: Captioner, encoded: list, config: DecodeConfig, ood: Path, split: str, batch_size: int
+) -> int:
+    """How well the model's unfamiliar-photo flag separates the split's photos from an out-of-domain set
+    (tests/ood_images.py), against caption confidence alone."""
+    if captioner.familiarity is None:
+        print("error: this model file has no familiarity bank (make one with hub.py release --data)", file=sys.stderr)
+        return 2
+    paths = sorted(path for path in ood.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    examples = [EXAMPLES / name for name in OUT_OF_DOMAIN_EXAMPLES]
+    outside = list(captioner.caption_each(paths, config, batch_size=batch_size))
+    inside = [caption for _, tokens in encoded for caption in captioner.caption(tokens, config)]
+    flagged_examples = [caption.unfamiliar for caption in captioner.caption(examples, config)]
+    outside = [caption for caption in outside if not isinstance(caption, ImageError)]
+
+    def column(captions: list, name: str):
+        return torch.tensor([getattr(caption, name) for caption in captions], dtype=torch.float64)
+
+    def share(captions: list) -> str:
+        flagged = sum(caption.unfamiliar for caption in captions)
+        return f"{flagged} of {len(captions)} ({flagged / len(captions):.1%})"
+
+    print(f"threshold {captioner.familiarity.threshold:.4f} (k={captioner.familiarity.k})")
+    print(f"flagged as unfamiliar: {split} {share(inside)}, out-of-domain {share(outside)}")
+    for name in ("familiarity", "confidence"):
+        print(f"AUROC {split} vs out-of-domain, {name}: {auroc(column(inside, name), column(outside, name)):.4f}")
+    print(
+        "examples flagged: "
+        + ", ".join(
+            f"{n} {'yes' if f else 'NO'}" for n, f in zip(OUT_OF_DOMAIN_EXAMPLES, flagged_examples, strict=True)
+        )
+    )
+    return 0
+
+
 def _sweep_values(text: str) -> tuple[str, list]:
     name, _, values = text.partition("=")
     kinds = {item.name: item.type for item in dataclasses.fields(DecodeConfig)}
@@ -118,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
     parser.add_argument(
         "--save-metrics", action="store_true", help="record the scores in the model file's metadata (its card)"
+    )
+    parser.add_argument(
+        "--ood",
+        type=Path,
+        metavar="DIR",
+        help="instead: the unfamiliar-photo flag on the split against the out-of-domain images in DIR\n"
+        "(made by tests/ood_images.py): shares flagged and AUROCs, against confidence alone",
     )
     parser.add_argument(
         "--choose-precision",
@@ -158,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if arguments.choose_precision:
         return choose_precision(arguments, items, captioner, config, caption_all(config), references)
+    if arguments.ood:
+        return familiarity_report(captioner, encoded, config, arguments.ood, arguments.split, arguments.batch_size)
     if arguments.sweep:
         for values in itertools.product(*(values for _, values in arguments.sweep)):
             setting = dict(zip((name for name, _ in arguments.sweep), values, strict=True))

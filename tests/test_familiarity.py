@@ -1,6 +1,7 @@
 """The unfamiliar-photo signal: k-nearest-neighbour familiarity, its calibration, and where users see it."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -83,3 +84,22 @@ def test_the_bank_survives_the_safetensors_layout(banked_model, tmp_path):
     _, _, again = load_captioner(tmp_path / "hub")
     assert torch.equal(again["familiarity"]["bank"], metadata["familiarity"]["bank"])
     assert again["familiarity"]["threshold"] == metadata["familiarity"]["threshold"]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="evaluate.py needs Java (pycocoevalcap)")
+def test_evaluate_reports_flag_rates_and_aurocs_against_an_out_of_domain_folder(banked_model, tmp_path, capsys):
+    import evaluate
+
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    (tmp_path / "ood").mkdir()
+    for path in EXAMPLES:
+        target = tmp_path / ("data/test" if path.name == "cat.jpg" else "ood") / path.name
+        shutil.copy(path, target)
+        target.with_suffix(".txt").write_text("a photo\n")
+    argv = ["--model", str(banked_model[0]), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
+    assert evaluate.main([*argv, "--max-new-tokens", "4", "--ood", str(tmp_path / "ood")]) == 0
+    out = capsys.readouterr().out
+    others = len(EXAMPLES) - 1
+    assert f"flagged as unfamiliar: test 0 of 1 (0.0%), out-of-domain {others} of {others} (100.0%)" in out
+    assert "AUROC test vs out-of-domain, familiarity: 1.0000" in out and "confidence: " in out
+    assert "examples flagged: cat.jpg NO, coffee.jpg yes, rocket.jpg yes" in out

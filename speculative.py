@@ -69,6 +69,7 @@ class DraftTable:
         return drafted
 
 
+@torch.inference_mode()
 def speculative_greedy(
     model: CaptionModel,
     image_tokens: Tensor,
@@ -83,19 +84,6 @@ def speculative_greedy(
     Returns (generation, passes): the `decoding.Generation`, and the decoder forward passes it took (plain greedy
     takes one per token).
     """
-    with torch.inference_mode():
-        return _speculative_greedy(model, image_tokens, config, prompt, eos_token_id, table, draft_tokens)
-
-
-def _speculative_greedy(
-    model: CaptionModel,
-    image_tokens: Tensor,
-    config: DecodeConfig,
-    prompt: Sequence[int],
-    eos_token_id: int,
-    table: DraftTable,
-    draft_tokens: int,
-) -> tuple[Generation, int]:
     rows = image_tokens.shape[0]
     device = image_tokens.device
     tokens = torch.tensor(prompt, device=device).expand(rows, -1)  # (B, P)

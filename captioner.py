@@ -23,7 +23,7 @@ import decoding
 from checkpoint import download, load_captioner
 from config import DecodeConfig
 from devices import default_device, inference_dtype
-from familiarity import FamiliarityBank, image_embedding
+from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
 from speculative import DraftTable, speculative_greedy
@@ -42,8 +42,8 @@ class Caption:
     words: tuple[str, ...] = ()  # the caption's words, when attention was requested
     attention: np.ndarray | None = None  # (len(words), grid_h, grid_w): where the model looked for each word
     alternatives: tuple["Caption", ...] = field(default=())  # the other returned captions, best first
-    familiarity: float | None = None  # how close the photo is to the training photos (familiarity.py); None: the
-    unfamiliar: bool | None = None  # model file has no bank. True: unlike them, the caption is probably wrong
+    familiarity: float | None = None  # the share of in-domain photos as unusual as this one (familiarity.py); None:
+    unfamiliar: bool | None = None  # the model file cannot tell. True: unlike the training photos, probably wrong
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class EncodedImages:
     """Image tokens from `Captioner.encode`, reusable across several decodings of the same images."""
 
     tokens: Tensor  # (B, N, C)
+    class_tokens: Tensor | None = None  # (B, C_img): the encoder's summary of each photo, for its familiarity
 
 
 class Captioner:
@@ -79,7 +80,7 @@ class Captioner:
         # drafted tokens per pass, with the same output (speculative.py).
         self.draft = DraftTable.from_dict(self.metadata["draft"]) if "draft" in self.metadata else None
         familiar = self.metadata.get("familiarity")
-        self.familiarity = FamiliarityBank.from_dict(familiar) if familiar else None
+        self.familiarity = FamiliarityModel.from_dict(familiar) if familiar else None
 
     @classmethod
     def load(
@@ -157,7 +158,9 @@ class Captioner:
 
     def _encode(self, pictures: list[Image.Image]) -> EncodedImages:
         with torch.inference_mode():
-            return EncodedImages(self.model.encode(self.transform(pictures).to(self.device, self.dtype)))
+            return EncodedImages(
+                *self.model.encode_with_class_token(self.transform(pictures).to(self.device, self.dtype))
+            )
 
     def _prefix_ids(self, config: DecodeConfig) -> list[int]:
         return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
@@ -177,15 +180,13 @@ class Captioner:
                 prefix_ids=prefix_ids,
             )  # fmt: skip
         familiarity = [None] * encoded.tokens.shape[0]
-        if self.familiarity is not None:
-            familiarity = self.familiarity.score(image_embedding(encoded.tokens)).tolist()
+        if self.familiarity is not None and encoded.class_tokens is not None:
+            familiarity = self.familiarity.familiarity(encoded.class_tokens).tolist()
         captions = []
         for image, familiar in enumerate(familiarity):
-            known = (
-                {}
-                if familiar is None
-                else {"familiarity": familiar, "unfamiliar": familiar < self.familiarity.threshold}
-            )
+            known = {}
+            if familiar is not None:
+                known = {"familiarity": familiar, "unfamiliar": familiar < self.familiarity.flagged_share}
             ranked = []
             for rank in range(generation.sequences.shape[1]):
                 caption = dataclasses.replace(self._ranked_caption(generation, image, rank, prefix_ids), **known)

@@ -105,7 +105,7 @@ def familiarity_report(
     """How well the model's unfamiliar-photo flag separates the split's photos from an out-of-domain set
     (tests/ood_images.py), against caption confidence alone."""
     if captioner.familiarity is None:
-        print("error: this model file has no familiarity bank (make one with hub.py release --data)", file=sys.stderr)
+        print("error: this model file cannot tell familiarity (make it with hub.py release --data)", file=sys.stderr)
         return 2
     paths = sorted(path for path in ood.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     examples = [EXAMPLES / name for name in OUT_OF_DOMAIN_EXAMPLES]
@@ -121,7 +121,7 @@ def familiarity_report(
         flagged = sum(caption.unfamiliar for caption in captions)
         return f"{flagged} of {len(captions)} ({flagged / len(captions):.1%})"
 
-    print(f"threshold {captioner.familiarity.threshold:.4f} (k={captioner.familiarity.k})")
+    print(f"flagged: familiarity below {captioner.familiarity.flagged_share} (that share of the val photos)")
     print(f"flagged as unfamiliar: {split} {share(inside)}, out-of-domain {share(outside)}")
     for name in ("familiarity", "confidence"):
         print(f"AUROC {split} vs out-of-domain, {name}: {auroc(column(inside, name), column(outside, name)):.4f}")

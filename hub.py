@@ -24,7 +24,7 @@ from captioner import Captioner
 from checkpoint import HUB_FILENAME, CheckpointError, load_captioner, save_captioner, update_metadata
 from config import DecodeConfig
 from data import DataError, load_split
-from familiarity import FamiliarityBank, image_embedding
+from familiarity import FamiliarityModel
 from images import ImageError, load_each
 from speculative import DraftTable
 
@@ -44,9 +44,8 @@ def release(
     """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
 
     With `data` (the training data set), the file also carries what is made from it: the n-gram draft table of the
-    training captions (speculative greedy decoding), and the familiarity bank of the training photos with its
-    threshold, which flags `FLAGGED_SHARE` of the validation photos (familiarity.py). Encoding the photos takes
-    about 12 minutes on a 2-core CPU.
+    training captions (speculative greedy decoding), and the familiarity model of the training photos, calibrated
+    on the validation photos (familiarity.py). Encoding the photos takes about 12 minutes on a 2-core CPU.
     """
     model, tokenizer, saved = load_captioner(source)
     merged = {**saved, **(metadata or {})}
@@ -60,28 +59,22 @@ def release(
     merged["draft"] = DraftTable.from_captions(captions, tokenizer.bos_token_id, tokenizer.eos_token_id).to_dict()
     save_captioner(destination, model, tokenizer, merged, half=True)
     released = Captioner.load(destination, device="cpu", dtype="float32")  # the weights as users will load them
-    bank = FamiliarityBank(embed_images(released, [item.image for item in train]))
-    bank = bank.calibrated(bank.score(embed_images(released, [item.image for item in val])), FLAGGED_SHARE)
-    merged["familiarity"] = bank.to_dict()
+    train_features = class_tokens(released, [item.image for item in train])
+    familiarity = FamiliarityModel.fit(train_features, class_tokens(released, [item.image for item in val]))
+    merged["familiarity"] = familiarity.to_dict()
     update_metadata(destination, {"familiarity": merged["familiarity"]})
     return merged
 
 
-# The share of in-domain (validation) photos the unfamiliar-photo threshold flags: low, since a flag tells the user
-# the caption is probably wrong.
-FLAGGED_SHARE = 0.02
-
-
-def embed_images(captioner: Captioner, images: Sequence, batch_size: int = 32) -> Tensor:
-    """Familiarity embeddings (N, C) of the readable images among `images`, in order."""
-    embeddings = []
+def class_tokens(captioner: Captioner, images: Sequence, batch_size: int = 32) -> Tensor:
+    """The encoder's class tokens (N, C_img) of the readable images among `images`, in order."""
+    features = []
     for start in tqdm(range(0, len(images), batch_size), desc="familiarity", unit="batch", leave=False):
-        pictures = [
-            picture for picture in load_each(images[start : start + batch_size]) if not isinstance(picture, ImageError)
-        ]
+        loaded = load_each(images[start : start + batch_size])
+        pictures = [picture for picture in loaded if not isinstance(picture, ImageError)]
         if pictures:
-            embeddings.append(image_embedding(captioner.encode(pictures).tokens))
-    return torch.cat(embeddings)
+            features.append(captioner.encode(pictures).class_tokens.float())
+    return torch.cat(features)
 
 
 def model_card(metadata: dict, repo_id: str) -> str:

@@ -379,7 +379,12 @@ class CaptionModel(nn.Module):
             images: pixels (B, 3, H, W) normalised for the encoder, or, with `start_block` > 0, the encoder's tokens
                 after its first `start_block` blocks (a training feature cache).
         """
-        return self.bridge(self.encoder(images, start_block))
+        return self.encode_with_class_token(images, start_block)[0]
+
+    def encode_with_class_token(self, images: Tensor, start_block: int = 0) -> tuple[Tensor, Tensor]:
+        """`encode`'s image tokens, and the encoder's class token (B, C_img): a summary of the whole photo."""
+        tokens = self.encoder(images, start_block)  # (B, N, C_img)
+        return self.bridge(tokens), tokens[:, 0]
 
     def decode(self, input_ids: Tensor, image_tokens: Tensor, record: list[Tensor] | None = None) -> Tensor:
         """Next-token logits (B, T, vocab) for `input_ids` (B, T) given image tokens (B_img, N, C), without cache.

@@ -5,33 +5,36 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import ROOT
 
 import caption
 from captioner import Captioner
 from checkpoint import export_safetensors, load_captioner, save_captioner
 from config import DecodeConfig
-from familiarity import FamiliarityBank, auroc, image_embedding
+from familiarity import FamiliarityModel, auroc
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 GREEDY = DecodeConfig(strategy="greedy", max_new_tokens=5)
 
 
-def test_familiarity_is_the_mean_cosine_to_the_k_nearest_bank_photos():
-    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]), dim=-1)
-    query = torch.tensor([[1.0, 0.0]])
-    # Cosines to the bank: 1, 0, 0.7071, -1; the two nearest: 1 and 0.7071.
-    assert FamiliarityBank(bank, k=2).score(query).item() == pytest.approx((1 + 2**-0.5) / 2)
-    assert FamiliarityBank(bank, k=1).score(query).item() == pytest.approx(1.0)
-    embeddings = image_embedding(torch.tensor([[[3.0, 0.0], [1.0, 0.0]]]))
-    assert torch.allclose(embeddings, torch.tensor([[1.0, 0.0]]))
-
-
-def test_calibration_flags_the_requested_share_of_in_domain_photos():
-    scores = torch.linspace(0, 1, 101)
-    bank = FamiliarityBank(torch.eye(2)).calibrated(scores, 0.05)
-    assert (scores < bank.threshold).float().mean().item() == pytest.approx(0.05, abs=0.011)
+def test_familiarity_is_the_share_of_validation_photos_as_far_from_the_training_photos():
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([3.0, 1.0, 0.2])
+    train = torch.randn(4000, 3, generator=generator) * scales + torch.tensor([1.0, -2.0, 0.5])
+    val = torch.randn(1000, 3, generator=generator) * scales + torch.tensor([1.0, -2.0, 0.5])
+    model = FamiliarityModel.fit(train, val, flagged_share=0.05)
+    # The Mahalanobis distance by hand: per-axis standardised squares (the axes are independent here).
+    point = torch.tensor([[1.0 + 3.0, -2.0, 0.5 + 0.4]])
+    assert model.distances(point).item() == pytest.approx(1.0 + 0 + 4.0, rel=0.08)
+    expected = (model.reference_distances >= model.distances(point)).float().mean().item()
+    assert model.familiarity(point).item() == pytest.approx(expected)
+    assert model.familiarity(torch.tensor([[1.0, -2.0, 0.5]])).item() > 0.99  # the centre: as typical as it gets
+    assert model.familiarity(torch.tensor([[1.0, -2.0, 5.0]])).item() == 0.0  # 22 standard deviations off
+    # A tenth of fresh in-domain photos fall below familiarity 0.1.
+    fresh = torch.randn(2000, 3, generator=generator) * scales + torch.tensor([1.0, -2.0, 0.5])
+    assert (model.familiarity(fresh) < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.03)
+    again = FamiliarityModel.from_dict(model.to_dict())
+    assert torch.equal(again.familiarity(fresh), model.familiarity(fresh))
 
 
 def test_auroc_counts_pairs_ranked_right_and_half_the_ties():
@@ -42,24 +45,22 @@ def test_auroc_counts_pairs_ranked_right_and_half_the_ties():
 
 @pytest.fixture
 def banked_model(tmp_path, captioning_model, tiny_tokenizer):
-    """A model file whose bank is the cat's embedding, with a threshold between the cat and the other examples."""
+    """A model file whose training photos are near-copies of the cat: every other example is unfamiliar."""
     plain = Captioner(captioning_model, tiny_tokenizer, device="cpu")
-    embeddings = image_embedding(plain.encode(EXAMPLES).tokens)
+    features = plain.encode(EXAMPLES).class_tokens
     cat = [path.name for path in EXAMPLES].index("cat.jpg")
-    bank = FamiliarityBank(embeddings[cat : cat + 1], k=1)
-    others = torch.cat([bank.score(embeddings[:cat]), bank.score(embeddings[cat + 1 :])])
-    threshold = (1.0 + others.max().item()) / 2  # the cat scores 1 (it is the bank), the others less
-    metadata = {"familiarity": FamiliarityBank(bank.bank, 1, threshold).to_dict()}
-    save_captioner(tmp_path / "banked.pt", captioning_model, tiny_tokenizer, metadata)
-    return tmp_path / "banked.pt", embeddings, cat, threshold
+    generator = torch.Generator().manual_seed(0)
+    near_cat = features[cat] + 0.01 * torch.randn(500, features.shape[1], generator=generator)
+    familiarity = FamiliarityModel.fit(near_cat[:400], near_cat[400:], flagged_share=0.03)
+    save_captioner(tmp_path / "banked.pt", captioning_model, tiny_tokenizer, {"familiarity": familiarity.to_dict()})
+    return tmp_path / "banked.pt", familiarity.familiarity(features), cat
 
 
 def test_captions_carry_familiarity_and_the_unfamiliar_flag(banked_model):
-    path, embeddings, cat, _ = banked_model
+    path, expected, cat = banked_model
     captions = Captioner.load(path, device="cpu").caption(EXAMPLES, GREEDY, num_return_sequences=1)
-    expected = (embeddings @ embeddings[cat]).tolist()  # cosine to the one bank photo
     for index, result in enumerate(captions):
-        assert result.familiarity == pytest.approx(expected[index], abs=2e-3)  # the bank is stored in float16
+        assert result.familiarity == pytest.approx(expected[index].item(), abs=0.01)
         assert result.unfamiliar == (index != cat)
     no_bank = Captioner(*load_captioner(path)[:2], device="cpu").caption(EXAMPLES[:1], GREEDY)[0]
     assert no_bank.familiarity is None and no_bank.unfamiliar is None
@@ -82,8 +83,9 @@ def test_the_bank_survives_the_safetensors_layout(banked_model, tmp_path):
     model, tokenizer, metadata = load_captioner(banked_model[0])
     export_safetensors(tmp_path / "hub", model, tokenizer, metadata)
     _, _, again = load_captioner(tmp_path / "hub")
-    assert torch.equal(again["familiarity"]["bank"], metadata["familiarity"]["bank"])
-    assert again["familiarity"]["threshold"] == metadata["familiarity"]["threshold"]
+    for name in ("mean", "precision", "reference_distances"):
+        assert torch.equal(again["familiarity"][name], metadata["familiarity"][name])
+    assert again["familiarity"]["flagged_share"] == metadata["familiarity"]["flagged_share"]
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="evaluate.py needs Java (pycocoevalcap)")

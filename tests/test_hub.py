@@ -174,11 +174,12 @@ def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_ca
     from checkpoint import save_captioner
     from config import DecodeConfig
 
-    data = tmp_path / "data" / "train"
-    data.mkdir(parents=True)
-    for index, photo in enumerate(sorted((ROOT / "examples").glob("*.jpg"))):
-        shutil.copy(photo, data / photo.name)
-        (data / photo.name).with_suffix(".txt").write_text(f"a dog runs on the grass\na photo number {index}\n")
+    for split in ("train", "val"):
+        data = tmp_path / "data" / split
+        data.mkdir(parents=True)
+        for index, photo in enumerate(sorted((ROOT / "examples").glob("*.jpg"))):
+            shutil.copy(photo, data / photo.name)
+            (data / photo.name).with_suffix(".txt").write_text(f"a dog runs on the grass\na photo number {index}\n")
     save_captioner(tmp_path / "best.pt", captioning_model, tiny_tokenizer, {"trained_on": "fixture"})
     assert hub.main(["release", str(tmp_path / "best.pt"), str(tmp_path / "out.pt"), "--data", str(data.parent)]) == 0
     fast = Captioner.load(tmp_path / "out.pt", device="cpu")

@@ -54,3 +54,49 @@ def test_uploading_a_photo_and_pressing_caption_shows_the_caption(page_url, tmp_
         page.wait_for_timeout(500)  # let the attention image paint
         page.screenshot(path=os.environ.get("SCREENSHOT", str(tmp_path / "screenshot.png")), full_page=True)
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def unfamiliar_url(tmp_path_factory, captioning_model, tiny_tokenizer):
+    """UNFAMILIAR_MODEL (e.g. a released model), else a tiny model that knows only the cat photo."""
+    import torch
+
+    from captioner import Captioner
+    from checkpoint import save_captioner
+    from familiarity import FamiliarityModel
+
+    path = os.environ.get("UNFAMILIAR_MODEL")
+    if not path:
+        features = Captioner(captioning_model, tiny_tokenizer, device="cpu").encode([ROOT / "examples" / "cat.jpg"])
+        near_cat = features.class_tokens + 0.01 * torch.randn(500, features.class_tokens.shape[1])
+        familiarity = FamiliarityModel.fit(near_cat[:400], near_cat[400:])
+        path = tmp_path_factory.mktemp("model") / "knows-the-cat.pt"
+        save_captioner(path, captioning_model, tiny_tokenizer, {"familiarity": familiarity.to_dict()})
+    url, process = start_app(path)
+    yield url
+    stop_app(process)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
+def test_a_photo_unlike_the_training_photos_gets_a_note_beside_its_caption(unfamiliar_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    note = "looks unlike the photos this model learned from"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=QUIET_CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        for photo, unfamiliar in (("coffee.jpg", True), ("cat.jpg", False)):
+            page.goto(unfamiliar_url)
+            page.locator("input[type=file]").first.set_input_files(str(ROOT / "examples" / photo))
+            page.locator("#caption-button").click()
+            confidence = page.locator("#caption-confidence")
+            expect(confidence).to_contain_text("Confidence", timeout=60_000)
+            if unfamiliar:
+                expect(confidence).to_contain_text(note, timeout=10_000)
+                page.wait_for_timeout(500)
+                page.screenshot(
+                    path=os.environ.get("SCREENSHOT_UNFAMILIAR", str(tmp_path / "note.png")), full_page=True
+                )
+            elif not os.environ.get("UNFAMILIAR_MODEL"):  # a real model may find the cat unfamiliar too
+                expect(confidence).not_to_contain_text(note, timeout=10_000)
+        browser.close()

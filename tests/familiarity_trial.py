@@ -58,9 +58,8 @@ def main() -> int:
     splits = {split: [item.image for item in load_split(arguments.data, split)] for split in ("train", "val", "test")}
     splits["ood"] = sorted(p for p in arguments.ood.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     encoded = {split: features(captioner, paths) for split, paths in splits.items()}
-    print(
-        f"| feature, score | AUROC test vs out-of-domain | test flagged | out-of-domain flagged ({FLAGGED:.0%} of val) |"
-    )
+    flagged = f"flagged ({FLAGGED:.0%} of val)"
+    print(f"| feature, score | AUROC test vs out-of-domain | test {flagged} | out-of-domain {flagged} |")
     print("|---|---|---|---|")
     for feature in encoded["train"]:
         bank = F.normalize(encoded["train"][feature], dim=-1)

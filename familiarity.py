@@ -27,7 +27,9 @@ class FamiliarityModel:
     flagged_share: float = 0.03
 
     @classmethod
-    def fit(cls, train: Tensor, val: Tensor, flagged_share: float = 0.03, shrinkage: float = 1e-4):
+    def fit(
+        cls, train: Tensor, val: Tensor, flagged_share: float = 0.03, shrinkage: float = 1e-4
+    ) -> "FamiliarityModel":
         """From the features (N, C) of the training photos and (M, C) of the validation photos."""
         train = train.double()
         mean = train.mean(0)

@@ -30,7 +30,9 @@ class DraftTable:
     next_token: dict[tuple[int, ...], int]
 
     @classmethod
-    def from_captions(cls, token_lists: Iterable[Sequence[int]], bos_token_id: int, eos_token_id: int, order: int = 3):
+    def from_captions(
+        cls, token_lists: Iterable[Sequence[int]], bos_token_id: int, eos_token_id: int, order: int = 3
+    ) -> "DraftTable":
         counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
         for tokens in token_lists:
             sequence = [bos_token_id, *tokens, eos_token_id]

@@ -135,9 +135,7 @@ def save_captioner(
 
 def update_metadata(path: str | os.PathLike, updates: dict) -> None:
     """Merge `updates` into a `.pt` model file's metadata, atomically; weights and everything else unchanged."""
-    contents = load_torch(path)
-    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
-        raise CheckpointError(f"{os.fspath(path)}: not a captioner model file (no '{FORMAT}' format marker)")
+    contents = _load_model_file(path)
     contents["metadata"] = {**(contents.get("metadata") or {}), **updates}
     save_torch(contents, path)
 
@@ -147,10 +145,16 @@ def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokeni
     name = os.fspath(path)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "model.safetensors")):
         return import_safetensors(name)
+    return _build(name, _load_model_file(name))
+
+
+def _load_model_file(path: str | os.PathLike) -> dict:
+    """The contents of a `.pt` model file (or training checkpoint), refusing any other torch file."""
+    name = os.fspath(path)
     contents = load_torch(name)
     if not isinstance(contents, dict) or contents.get("format") != FORMAT:
         raise CheckpointError(f"{name}: not a captioner model file (no '{FORMAT}' format marker)")
-    return _build(name, contents)
+    return contents
 
 
 def _build(name: str, contents: dict) -> tuple[CaptionModel, CaptionTokenizer, dict]:
@@ -286,9 +290,7 @@ def save_training_checkpoint(
 def load_training_checkpoint(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, TrainingState]:
     """Model, tokenizer and training state of a checkpoint `save_training_checkpoint` wrote."""
     name = os.fspath(path)
-    contents = load_torch(name)
-    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
-        raise CheckpointError(f"{name}: not a captioner model file (no '{FORMAT}' format marker)")
+    contents = _load_model_file(name)
     if "training" not in contents:
         raise CheckpointError(f"{name}: not a training checkpoint (no optimizer state)")
     model, tokenizer, _ = _build(name, contents)

@@ -173,7 +173,7 @@ class DecodeConfig:
             _require_finite(name, getattr(self, name), low, high, f"a number in [{low}, {high}]")
         _require(self.top_p > 0, "top_p", self.top_p, "a number in (0, 1]")
         _require(isinstance(self.early_stopping, bool), "early_stopping", self.early_stopping, "true or false")
-        limit = {"beam": self.num_beams, "greedy": 1, "sample": 16}[self.strategy]
+        limit = {"beam": self.num_beams, "greedy": 1, "sample": DECODE_LIMITS["num_return_sequences"][1]}[self.strategy]
         _require(
             self.num_return_sequences <= limit,
             "num_return_sequences",

@@ -33,6 +33,11 @@ from images import IMAGE_SUFFIXES, ImageError, load_image
 from serving import BatchingCaptioner
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+# The app leads with photos of the model's world, then one it does not know, which shows the unfamiliar-photo note.
+APP_EXAMPLES = (
+    "dog_in_woods.jpg", "paddling_in_the_sea.jpg", "man_at_the_canyon.jpg", "woman_on_the_beach.jpg",
+    "grace_hopper.jpg", "coffee.jpg",
+)  # fmt: skip
 UNFAMILIAR_NOTE = (
     "⚠️ **This photo looks unlike the photos this model learned from, so the caption is probably wrong.** "
     "It knows everyday photos of people, dogs and outdoor scenes."
@@ -291,7 +296,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
             button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Accordion("Decoding options", open=False):
                 controls = {option.name: option.control(default, token_limit) for option in OPTIONS}
-            gr.Examples(examples=sorted(str(path) for path in EXAMPLES.glob("*.jpg")), inputs=image, label="Examples")
+            gr.Examples(examples=[str(EXAMPLES / name) for name in APP_EXAMPLES], inputs=image, label="Examples")
         with gr.Column(scale=1):
             caption = gr.Textbox(
                 label="Caption", elem_id="caption-text", lines=2, buttons=["copy"], elem_classes="caption-text"

@@ -88,3 +88,12 @@ def test_caption_batch_returns_one_row_per_input_including_zip_members(client, t
     assert not rows[1][1] and "not an image" in rows[1][3]
     with open(csv_path, encoding="utf-8") as file:
         assert len(file.read().strip().splitlines()) == 1 + len(rows)
+
+
+def test_app_examples_exist_and_every_example_photo_is_credited():
+    from app import APP_EXAMPLES, EXAMPLES
+
+    credits = (EXAMPLES / "CREDITS.md").read_text()
+    assert all((EXAMPLES / name).is_file() for name in APP_EXAMPLES)
+    for photo in EXAMPLES.glob("*.jpg"):
+        assert f"`{photo.name}`" in credits, f"{photo.name} is not credited in examples/CREDITS.md"

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,31 @@ def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokeni
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "model.safetensors")):
         return import_safetensors(name)
     return _build(name, _load_model_file(name))
+
+
+def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel, CaptionTokenizer, dict]:
+    """One model whose weights are the mean of several checkpoints of the same run (e.g. its last epochs).
+
+    Averaging the end of a run smooths out the noise of the last optimizer steps; it only makes sense for
+    checkpoints of one model, so configs and tokenizers must be identical. The metadata is the last file's, with
+    its per-checkpoint validation metrics replaced by the list of averaged files.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    model, tokenizer, metadata = load_captioner(paths[0])
+    total = {key: value.double() for key, value in model.state_dict().items() if value.is_floating_point()}
+    averaged = [{"file": os.path.basename(os.fspath(paths[0])), "step": metadata.get("step")}]
+    for path in paths[1:]:
+        other, other_tokenizer, metadata = load_captioner(path)
+        if other.config != model.config or other_tokenizer.to_json() != tokenizer.to_json():
+            raise CheckpointError(f"{os.fspath(path)}: a different model from {os.fspath(paths[0])}; cannot average")
+        for key, value in other.state_dict().items():
+            if key in total:
+                total[key] += value.double()
+        averaged.append({"file": os.path.basename(os.fspath(path)), "step": metadata.get("step")})
+    model.load_state_dict({key: value / len(paths) for key, value in total.items()}, strict=False)
+    metadata = {key: value for key, value in metadata.items() if key != "metrics"} | {"averaged": averaged}
+    return model, tokenizer, metadata
 
 
 def _load_model_file(path: str | os.PathLike) -> dict:

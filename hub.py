@@ -1,6 +1,7 @@
 """Sharing a model: a release file from a training checkpoint, and the Hugging Face Hub.
 
     python hub.py release runs/small/best.pt captioner.pt --decoding '{"num_beams": 3}'
+    python hub.py release runs/wide/epoch-11.pt runs/wide/epoch-12.pt averaged.pt    # the mean of the weights
     python hub.py push captioner.pt user/image-captioner          # needs `hf auth login` or HF_TOKEN
     python hub.py deploy-space user/captioner-demo                # the app and its model as a Gradio Space
 
@@ -21,7 +22,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from captioner import Captioner
-from checkpoint import HUB_FILENAME, CheckpointError, load_captioner, save_captioner, update_metadata
+from checkpoint import (
+    HUB_FILENAME,
+    CheckpointError,
+    average_captioners,
+    load_captioner,
+    save_captioner,
+    update_metadata,
+)
 from config import DecodeConfig
 from data import DataError, load_split
 from familiarity import FamiliarityModel
@@ -36,18 +44,21 @@ SPACE_FILES = ("*.py", "requirements.txt", "README.md", "examples/*")
 
 
 def release(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
     destination: str | os.PathLike,
     metadata: dict | None = None,
     data: str | os.PathLike | None = None,
 ) -> dict:
     """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
 
+    `source` is one training checkpoint, or several of one run, whose weights are averaged (`average_captioners`).
+
     With `data` (the training data set), the file also carries what is made from it: the n-gram draft table of the
     training captions (speculative greedy decoding), and the familiarity model of the training photos, calibrated
     on the validation photos (familiarity.py). Encoding the photos takes about 12 minutes on a 2-core CPU.
     """
-    model, tokenizer, saved = load_captioner(source)
+    sources = [source] if isinstance(source, str | os.PathLike) else list(source)
+    model, tokenizer, saved = load_captioner(sources[0]) if len(sources) == 1 else average_captioners(sources)
     merged = {**saved, **(metadata or {})}
     if "decoding" in merged:
         DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour
@@ -153,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("release", help="make a shippable model file from a training checkpoint")
-    make.add_argument("source")
+    make.add_argument("sources", nargs="+", metavar="source", help="a checkpoint; several of one run are averaged")
     make.add_argument("destination")
     make.add_argument("--decoding", type=json.loads, default=None, help="recommended decoding options (JSON)")
     make.add_argument("--metadata", type=json.loads, default=None, help="more metadata to record (JSON object)")
@@ -173,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = dict(arguments.metadata or {})
             if arguments.decoding is not None:
                 extra["decoding"] = arguments.decoding
-            release(arguments.source, arguments.destination, extra, arguments.data)
+            release(arguments.sources, arguments.destination, extra, arguments.data)
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
         elif arguments.command == "push":
             print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))

@@ -1,5 +1,7 @@
 """Release files, and the Hugging Face Hub paths, tested offline: a prepared local cache, a recording HfApi."""
 
+import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,36 @@ def test_release_drops_training_state_halves_weights_and_checks_the_recommended_
     with pytest.raises(ValueError, match="num_beams"):
         hub.release(tmp_path / "best.pt", tmp_path / "other.pt", {"decoding": {"num_beams": 0}})
     assert not (tmp_path / "other.pt").exists()
+
+
+def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other_models(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    from model import CaptionModel
+
+    checkpoints, states = [], []
+    for index in range(3):
+        model = copy.deepcopy(tiny_model)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(index)))
+        states.append(model.state_dict())
+        checkpoints.append(tmp_path / f"epoch-{index}.pt")
+        save_torch(checkpoint_dict(model, tiny_tokenizer, {"step": index, "metrics": {"CIDEr": index}}), checkpoints[-1])
+    assert hub.main(["release", *map(str, checkpoints), str(tmp_path / "averaged.pt")]) == 0
+    averaged, _, metadata = load_captioner(tmp_path / "averaged.pt")
+    for key, value in averaged.state_dict().items():
+        if value.is_floating_point():
+            expected = sum(state[key].double() for state in states) / 3
+            torch.testing.assert_close(value.double(), expected.half().double())  # released weights are float16
+    assert metadata["averaged"] == [{"file": f"epoch-{index}.pt", "step": index} for index in range(3)]
+    assert "metrics" not in metadata  # one checkpoint's validation says nothing about the average
+
+    other = CaptionModel(dataclasses.replace(tiny_model.config, n_layer=tiny_model.config.n_layer + 1))
+    save_torch(checkpoint_dict(other, tiny_tokenizer), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: a different model .* cannot average"):
+        hub.release([checkpoints[0], tmp_path / "other.pt"], tmp_path / "mixed.pt")
+    assert not (tmp_path / "mixed.pt").exists()
 
 
 def _cache_with(tmp_path, model_file) -> tuple[str, str]:

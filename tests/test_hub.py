@@ -43,7 +43,9 @@ def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other
                 parameter.add_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(index)))
         states.append(model.state_dict())
         checkpoints.append(tmp_path / f"epoch-{index}.pt")
-        save_torch(checkpoint_dict(model, tiny_tokenizer, {"step": index, "metrics": {"CIDEr": index}}), checkpoints[-1])
+        save_torch(
+            checkpoint_dict(model, tiny_tokenizer, {"step": index, "metrics": {"CIDEr": index}}), checkpoints[-1]
+        )
     assert hub.main(["release", *map(str, checkpoints), str(tmp_path / "averaged.pt")]) == 0
     averaged, _, metadata = load_captioner(tmp_path / "averaged.pt")
     for key, value in averaged.state_dict().items():
@@ -55,7 +57,7 @@ def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other
 
     other = CaptionModel(dataclasses.replace(tiny_model.config, n_layer=tiny_model.config.n_layer + 1))
     save_torch(checkpoint_dict(other, tiny_tokenizer), tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="other.pt: a different model .* cannot average"):
+    with pytest.raises(CheckpointError, match=r"other.pt: a different model .* cannot average"):
         hub.release([checkpoints[0], tmp_path / "other.pt"], tmp_path / "mixed.pt")
     assert not (tmp_path / "mixed.pt").exists()
 

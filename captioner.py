@@ -22,7 +22,7 @@ from torch import Tensor
 import decoding
 from checkpoint import download, load_captioner
 from config import DecodeConfig
-from devices import default_device, inference_dtype
+from devices import INT8, accepted_precisions, compute_dtype, default_device, inference_precision, quantize_int8
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
@@ -72,8 +72,11 @@ class Captioner:
     ):
         self.device = torch.device(device) if device is not None else default_device()
         self.metadata = dict(metadata or {})
-        self.dtype = inference_dtype(dtype, self.device, self.metadata.get("precision"))
+        self.precision = inference_precision(dtype, self.device, accepted_precisions(self.metadata))
+        self.dtype = compute_dtype(self.precision)
         self.model = model.to(self.device, self.dtype).eval()
+        if self.precision == INT8:
+            self.model = quantize_int8(self.model)
         self.tokenizer = tokenizer
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several

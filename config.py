@@ -193,7 +193,10 @@ class DecodeConfig:
         _require(self.prefix.isprintable(), "prefix", self.prefix, "printable text without control characters")
 
 
-Precision = Literal["auto", "float32", "bfloat16", "float16"]
+# What training computes in (autocast), and what a released model may run in: the same, plus int8 weights.
+TrainPrecision = Literal["auto", "float32", "bfloat16", "float16"]
+TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
+Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
@@ -246,7 +249,9 @@ class TrainConfig:
     checkpoint_every: int = option(100, "optimizer steps between saves of last.pt within an epoch")
     seed: int = option(0, "seed of the model init and the data order")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: Precision = option("auto", "autocast precision (auto: bfloat16 where native, float16 on older GPUs)")
+    precision: TrainPrecision = option(
+        "auto", "autocast precision (auto: bfloat16 where native, float16 on older GPUs)"
+    )
     workers: int = option(4, "threads decoding images when they are not cached")
 
     def __post_init__(self) -> None:
@@ -286,7 +291,7 @@ class TrainConfig:
         _require(self.objective in typing.get_args(Objective), "objective", self.objective, "cross_entropy or scst")
         ok = isinstance(self.scst_samples, int) and 2 <= self.scst_samples <= 16
         _require(ok, "scst_samples", self.scst_samples, "a whole number in [2, 16] (each sample needs others)")
-        _require(self.precision in PRECISIONS, "precision", self.precision, "/".join(PRECISIONS))
+        _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
         if self.cache_blocks is not None:
             _require(

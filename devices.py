@@ -1,11 +1,19 @@
 """Where the model runs and in which precision: the one default device and the one precision vocabulary.
 
-Precision names are config.PRECISIONS: "float32", "bfloat16", "float16", and "auto" (resolved here).
+Precision names are config.PRECISIONS: "float32", "bfloat16", "float16", "int8" (float32 compute with int8 decoder
+weights, CPU only), and "auto" (resolved here).
 """
 
+import warnings
+from collections.abc import Collection
+
 import torch
+from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8 = "int8"
+# Fastest first, as measured on our 2-core CPU (README: Speed): what "auto" tries, in this order.
+SPEED_ORDER = (INT8, "bfloat16", "float16", "float32")
 
 
 def default_device() -> torch.device:
@@ -20,6 +28,11 @@ def to_dtype(precision: str | torch.dtype) -> torch.dtype:
     if precision not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {precision!r}")
     return DTYPES[precision]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the activations (and unquantized weights) of an inference precision."""
+    return torch.float32 if precision == INT8 else to_dtype(precision)
 
 
 def cpu_flags() -> frozenset[str]:
@@ -54,11 +67,62 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None if dtype == torch.float32 else dtype
 
 
-def inference_dtype(precision: str | torch.dtype, device: torch.device, recorded: str | None = None) -> torch.dtype:
-    """The dtype to run a model in. "auto": the precision recorded with the model (the fastest whose test scores
-    matched float32's when it was released) where this device computes it natively, else float32."""
+def quantized_engine() -> str:
+    """The int8 kernel library torch uses on this CPU (x86/fbgemm/onednn, qnnpack on ARM; "none" without one)."""
+    return torch.backends.quantized.engine
+
+
+def runs_natively(precision: str, device: torch.device) -> bool:
+    """Whether `device` computes `precision` in hardware (so that it is faster than float32, not emulated)."""
+    if precision == INT8:
+        return device.type == "cpu" and quantized_engine() != "none"
+    return precision == "float32" or native_half(device) == to_dtype(precision)
+
+
+def inference_precision(precision: str | torch.dtype, device: torch.device, accepted: Collection[str] = ()) -> str:
+    """The precision name to run a model in.
+
+    "auto": the fastest of `accepted` (the precisions whose test scores matched float32's when the model was
+    released, recorded with it) that this device computes natively, else float32.
+    """
+    if isinstance(precision, torch.dtype):
+        return next(name for name, dtype in DTYPES.items() if dtype == precision)
+    if precision not in ("auto", *DTYPES, INT8):
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, {INT8}, not {precision!r}")
+    if precision == INT8:
+        if device.type != "cpu":
+            raise ValueError(f"dtype int8 runs on CPUs only, not on {device.type}: choose bfloat16 or float16 there")
+        return INT8
     if precision != "auto":
-        return to_dtype(precision)
-    if recorded is None or to_dtype(recorded) == torch.float32:
-        return torch.float32
-    return to_dtype(recorded) if native_half(device) == to_dtype(recorded) else torch.float32
+        return precision
+    return next((name for name in SPEED_ORDER if name in accepted and runs_natively(name, device)), "float32")
+
+
+def accepted_precisions(metadata: dict) -> list[str]:
+    """The precisions a model file records as captioning like float32 (evaluate.py --choose-precision), fastest
+    first; files from before int8 record only their one chosen precision."""
+    return list(metadata.get("precisions") or ([metadata["precision"]] if "precision" in metadata else []))
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """`model` with the decoder's linear layers holding int8 weights, one scale per output channel; activations
+    are quantized on the fly (torch's dynamic quantization, CPU only).
+
+    Decoding is bound by reading the decoder's weights once per token, so a quarter of float32's bytes is where the
+    time goes down. The image encoder runs once per photo and stays float32: quantized, it changed which objects the
+    captions named. The LM head (the token embedding, transposed) is not a linear layer and stays float32 too.
+    """
+    # torch.ao's dynamic quantization is deprecated in favour of torchao, but it is what has fast int8 CPU kernels
+    # (fbgemm/oneDNN): torch._weight_int8pack_mm, the weight-only op torchao uses, measured 10x slower than float32
+    # here. torch is pinned exactly, so its deprecation warnings only tell users what we already know.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        layers = {
+            f"decoder.{name}": per_channel_dynamic_qconfig
+            for name, module in model.decoder.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        return quantize_dynamic(model, layers, dtype=torch.qint8)

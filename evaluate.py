@@ -20,7 +20,7 @@ from checkpoint import CheckpointError, update_metadata
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
 from data import DataError, load_split
-from devices import native_half
+from devices import DTYPES, INT8, SPEED_ORDER, native_half, runs_natively
 from familiarity import auroc
 from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
@@ -63,31 +63,37 @@ def choose_precision(
     arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
     references: dict,
 ) -> int:  # fmt: skip
-    """Score the model in float32 and in this machine's native half precision; record in the model file the faster
-    one whose scores are within PRECISION_TOLERANCE of float32's, so that `--dtype auto` uses it."""
+    """Score the model in float32 and in each faster precision this machine computes natively (its half precision,
+    int8 on a CPU); record in the model file those within PRECISION_TOLERANCE of float32, fastest first, so that
+    `--dtype auto` runs the fastest of them that a user's machine supports."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
-    if half is not None:
-        name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[half]
+    candidates = [name for name, dtype in DTYPES.items() if dtype == half] + (
+        [INT8] if runs_natively(INT8, float32.device) else []
+    )
+    for name in candidates:
         captioner = Captioner.load(arguments.model, device=float32.device, revision=arguments.revision, dtype=name)
         encoded, _ = encode_split(captioner, items, arguments.batch_size)
         scores[name] = score_captions(references, caption_encoded(captioner, encoded, config))
     for name, values in scores.items():
         print(f"{name}: {format_metrics(values)}")
-    chosen = "float32"
-    for name, values in scores.items():
-        if all(
-            abs(values[metric] - scores["float32"][metric]) <= limit for metric, limit in PRECISION_TOLERANCE.items()
-        ):
-            chosen = name  # later entries are faster
-    print(f"recorded precision: {chosen}")
+    accepted = [
+        name
+        for name in SPEED_ORDER
+        if name in scores
+        and all(
+            abs(scores[name][metric] - scores["float32"][metric]) <= limit
+            for metric, limit in PRECISION_TOLERANCE.items()
+        )
+    ]
+    print(f"recorded precision: {accepted[0]} (within tolerance, fastest first: {', '.join(accepted)})")
     update_metadata(
         arguments.model or DEFAULT_MODEL,
         {
-            "precision": chosen,
+            "precision": accepted[0],
+            "precisions": accepted,
             "precision_scores": {
-                name: {metric: round(values[metric], 4) for metric in PRECISION_TOLERANCE}
-                for name, values in scores.items()
+                name: {metric: round(value, 4) for metric, value in values.items()} for name, values in scores.items()
             },
             "precision_split": arguments.split,
         },
@@ -169,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--choose-precision",
         action="store_true",
-        help="score float32 and this machine's native half precision; record in the model file the faster one\n"
-        "whose CIDEr and BLEU-4 are within 0.01 of float32's (what --dtype auto then uses)",
+        help="score float32, this machine's native half precision and int8; record in the model file those\n"
+        "whose CIDEr and BLEU-4 are within 0.01 of float32's, fastest first (what --dtype auto then uses)",
     )
     parser.add_argument(
         "--sweep",

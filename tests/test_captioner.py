@@ -154,8 +154,37 @@ def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     [caption] = half.caption([photos[0]], attention=True, strategy="beam", num_beams=3, max_new_tokens=6)
     assert caption.attention.dtype == np.float32
     np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
-        Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, int8, not 'int4'"):
+        Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int4")
+
+
+def test_int8_quantizes_the_decoders_linear_layers_and_keeps_the_float32_models_token_probabilities(
+    tmp_path, captioning_model, tiny_tokenizer, captioner
+):
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {})
+    int8 = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int8")
+    assert int8.precision == "int8" and int8.dtype == torch.float32
+    decoder_linears = [module for module in int8.model.decoder.modules() if isinstance(module, torch.nn.Linear)]
+    assert decoder_linears == []  # every one replaced
+    assert any(isinstance(module, Int8Linear) for module in int8.model.decoder.modules())
+    assert any(isinstance(module, torch.nn.Linear) for module in int8.model.encoder.modules())  # stays float32
+    photos = [_photo(16), _photo(17)]
+    for config in (GREEDY, DecodeConfig(num_beams=3, max_new_tokens=6)):
+        for photo, caption in zip(photos, int8.caption(photos, config), strict=True):
+            ids = list(caption.token_ids)
+            inputs = torch.tensor([[tiny_tokenizer.bos_token_id, *ids[:-1]]])
+            with torch.inference_mode():
+                logits = captioner.model.decode(inputs, captioner.encode([photo]).tokens)[0]
+            expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+            # int8 rounds activations as well as weights: up to about 0.3 nats on this tiny random model, whose logits
+            # are sharper than a trained one's; a broken quantization is off by several.
+            np.testing.assert_allclose(caption.token_logprobs, expected.numpy(), atol=0.35)
+    [caption] = int8.caption([photos[0]], attention=True, strategy="beam", num_beams=3, max_new_tokens=6)
+    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
+    with pytest.raises(ValueError, match="int8 runs on CPUs only"):
+        Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="int8")
 
 
 def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_natively(
@@ -174,3 +203,12 @@ def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_nativ
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.bfloat16
     assert Captioner.load(tmp_path / "plain.pt", device="cpu").dtype == torch.float32  # nothing recorded: float32
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu", dtype="float32").dtype == torch.float32
+
+    # A model recording int8 and bfloat16 as captioning like float32 runs the fastest of them the CPU has.
+    fastest_first = {"precision": "int8", "precisions": ["int8", "bfloat16", "float32"]}
+    save_captioner(tmp_path / "both.pt", captioning_model, tiny_tokenizer, fastest_first)
+    assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "int8"
+    monkeypatch.setattr(devices, "quantized_engine", lambda: "none")  # a CPU without int8 kernels
+    assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "float32"

@@ -109,7 +109,13 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
     metadata = load_captioner(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
-    assert set(scores) == {"float32"} | ({native} if native else set())
-    close = native and all(abs(scores[native][m] - scores["float32"][m]) <= 0.01 for m in ("CIDEr", "BLEU-4"))
-    assert metadata["precision"] == (native if close else "float32")
-    assert f"recorded precision: {metadata['precision']}" in capsys.readouterr().out
+    assert set(scores) == {"float32", "int8"} | ({native} if native else set())
+
+    def close(name: str) -> bool:
+        return all(abs(scores[name][metric] - scores["float32"][metric]) <= 0.01 for metric in ("CIDEr", "BLEU-4"))
+
+    expected = [name for name in ("int8", "bfloat16", "float32") if name in scores and close(name)]
+    assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
+    assert f"recorded precision: {expected[0]} (within tolerance, fastest first: {', '.join(expected)})" in (
+        capsys.readouterr().out
+    )

@@ -50,15 +50,17 @@ def test_a_folder_given_as_a_file_and_a_missing_file(tmp_path):
         load_image(tmp_path / "absent.jpg")
 
 
-def test_caption_command_reports_each_bad_file_and_captions_the_rest(
-    tmp_path, captioning_model, tiny_tokenizer, capsys
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "int8"])
+def test_caption_command_reports_each_bad_file_and_captions_the_rest_in_every_precision(
+    tmp_path, captioning_model, tiny_tokenizer, capsys, precision
 ):
     for case in CORPUS:
         (tmp_path / "corpus" / case.name).parent.mkdir(exist_ok=True)
         (tmp_path / "corpus" / case.name).write_bytes(case.data)
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer)
     files = [str(tmp_path / "corpus" / case.name) for case in CORPUS]
-    code = caption.main(["--model", str(tmp_path / "model.pt"), "--format", "jsonl", "--max-new-tokens", "3", *files])
+    options = ["--dtype", precision, "--format", "jsonl", "--max-new-tokens", "3"]
+    code = caption.main(["--model", str(tmp_path / "model.pt"), *options, *files])
     out, err = capsys.readouterr()
     assert code == 1
     captioned = {json.loads(line)["image"].rsplit("/", 1)[-1] for line in out.splitlines()}

@@ -11,6 +11,7 @@ Confidence is the geometric mean of the model's probabilities for the caption's 
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class Captioner:
 
     def encode(self, images: Sequence[ImageSource]) -> EncodedImages:
         """Encode images once; pass the result to `caption` as often as needed."""
-        return self._encode([load_image(image) for image in images])
+        return self._encode(self.transform([load_image(image) for image in images]))
 
     def caption(
         self,
@@ -152,18 +153,28 @@ class Captioner:
         """For each source in order, its caption or the `ImageError` that made it unusable; batched, never raises
         for a bad image. The way to caption a folder: one model, many images, failures reported per image."""
         config = self.check(dataclasses.replace(config or self.default_config(), **options))
-        for start in range(0, len(sources), batch_size):
-            loaded = load_each(sources[start : start + batch_size])
-            good = [picture for picture in loaded if not isinstance(picture, ImageError)]
-            captions = iter(self._caption(self._encode(good), config, False, None) if good else [])
-            for picture in loaded:
-                yield picture if isinstance(picture, ImageError) else next(captions)
+        batches = [sources[start : start + batch_size] for start in range(0, len(sources), batch_size)]
+        # A reader thread decodes and resizes the next batch while this one is captioned: Pillow releases the GIL
+        # there, so file reading overlaps the model's compute instead of adding to it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader") as reader:
+            upcoming = [reader.submit(self._read, batch) for batch in batches[:1]]
+            for index in range(len(batches)):
+                loaded, pixels = upcoming.pop().result()
+                if index + 1 < len(batches):
+                    upcoming.append(reader.submit(self._read, batches[index + 1]))
+                captions = iter(self._caption(self._encode(pixels), config, False, None) if pixels is not None else [])
+                for picture in loaded:
+                    yield picture if isinstance(picture, ImageError) else next(captions)
 
-    def _encode(self, pictures: list[Image.Image]) -> EncodedImages:
+    def _read(self, sources: Sequence[ImageSource]) -> tuple[list[Image.Image | ImageError], Tensor | None]:
+        """Each source loaded (or its error), and the model's input pixels of the good ones (None if none are)."""
+        loaded = load_each(sources)
+        good = [picture for picture in loaded if not isinstance(picture, ImageError)]
+        return loaded, self.transform(good) if good else None
+
+    def _encode(self, pixels: Tensor) -> EncodedImages:
         with torch.inference_mode():
-            return EncodedImages(
-                *self.model.encode_with_class_token(self.transform(pictures).to(self.device, self.dtype))
-            )
+            return EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
 
     def _prefix_ids(self, config: DecodeConfig) -> list[int]:
         return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import Captioner, EncodedImages
+from captioner import Caption, Captioner, EncodedImages
 from checkpoint import save_captioner
 from config import DecodeConfig
 from images import ImageError
@@ -118,6 +118,31 @@ def test_bad_images_raise_image_error_and_caption_each_reports_them(captioner, t
     assert results[0].text is not None
     assert isinstance(results[1], ImageError) and isinstance(results[2], ImageError)
     assert "no such file" in str(results[2])
+
+
+def test_caption_each_reads_the_next_batch_on_a_reader_thread_and_keeps_order_across_batches(
+    captioner, tmp_path, monkeypatch
+):
+    import threading
+
+    import captioner as captioner_module
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    sources = [_photo(20), tmp_path / "notes.txt", tmp_path / "absent.jpg", _photo(21), _photo(22)]
+    readers = []
+    real_load_each = captioner_module.load_each
+
+    def recording_load_each(batch):
+        readers.append(threading.current_thread().name)
+        return real_load_each(batch)
+
+    monkeypatch.setattr(captioner_module, "load_each", recording_load_each)
+    results = list(captioner.caption_each(sources, GREEDY, batch_size=2))  # batches: good+bad, bad+good, good
+    assert len(readers) == 3 and all(name.startswith("image-reader") for name in readers)
+    assert [type(result) for result in results] == [Caption, ImageError, ImageError, Caption, Caption]
+    for source, result in zip(sources, results, strict=True):
+        if isinstance(result, Caption):
+            assert result.token_ids == captioner.caption([source], GREEDY)[0].token_ids
 
 
 def test_load_from_a_file(tmp_path, captioning_model, tiny_tokenizer, captioner):

@@ -3,6 +3,7 @@
     python benchmark.py                     # the full table
     python benchmark.py --quick             # fewer tokens and repeats, well under a minute on a 2-core CPU
     python benchmark.py --dtype bfloat16    # both decoders in bfloat16
+    python benchmark.py --end-to-end --data ../shared/data/flickr8k --limit 100   # the shipped model, JPEG to text
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -33,6 +34,7 @@ from captioner import Captioner
 from config import PRESETS, DecodeConfig
 from data import load_split
 from devices import DTYPES
+from images import load_image
 from model import CaptionModel
 from pretrained import to_gpt2
 from speculative import DraftTable, speculative_greedy
@@ -186,6 +188,74 @@ def speculative_report(model_path: str | None, data: str | None, limit: int, dty
     }  # fmt: skip
 
 
+def _their_generate_options(config: DecodeConfig) -> dict:
+    """transformers `generate()` options for our deterministic decoding settings."""
+    return {
+        "num_beams": config.num_beams if config.strategy == "beam" else 1, "do_sample": False,
+        "max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
+        "length_penalty": config.length_penalty, "early_stopping": config.early_stopping,
+        "no_repeat_ngram_size": config.no_repeat_ngram_size, "repetition_penalty": config.repetition_penalty,
+    }  # fmt: skip
+
+
+def end_to_end_report(model_path: str | None, data: str | None, limit: int, batch_size: int) -> list[dict]:
+    """From JPEG files to caption text with the model's default decoding, side by side in one run: one-image
+    latency (median over the photos, each captioned alone) and folder throughput (all photos, batched), for ours
+    in float32, ours in the default precision ("auto"), and a plain pipeline on the same float32 weights: the same
+    preprocessing, timm's encoder, and transformers' `generate()` on the decoder's weights."""
+    photos = ([item.image for item in load_split(data, "test")] if data else sorted(EXAMPLES.glob("*.jpg")))[:limit]
+    float32 = Captioner.load(model_path, device="cpu", dtype="float32")
+    config = float32.default_config()
+    if config.strategy == "sample" or config.prefix:
+        raise ValueError("the end-to-end comparison needs a deterministic default decoding without a prefix")
+    tokenizer, model = float32.tokenizer, float32.model
+    gpt2 = to_gpt2(model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    options = {**_their_generate_options(config), "pad_token_id": tokenizer.eos_token_id}
+
+    def theirs(batch: Sequence) -> list[str]:
+        pixels = float32.transform([load_image(photo) for photo in batch])
+        with torch.inference_mode():
+            tokens = model.encode(pixels)
+            prompt = torch.full((len(batch), 1), tokenizer.bos_token_id)
+            # BOS is also the pad token here: the mask says it is a real token, not padding.
+            ids = gpt2.generate(prompt, attention_mask=torch.ones_like(prompt), encoder_hidden_states=tokens, **options)
+        return [tokenizer.decode([i for i in row[1:].tolist() if i != tokenizer.eos_token_id]) for row in ids]
+
+    def ours(captioner: Captioner) -> Callable[[Sequence], list[str]]:
+        def run(batch: Sequence) -> list[str]:
+            return [caption.text for caption in captioner.caption_each(batch, config, batch_size=batch_size)]
+
+        return run
+
+    default = Captioner.load(model_path, device="cpu")
+    pipelines = [
+        ("timm + transformers", "float32", theirs),
+        ("ours", "float32", ours(float32)),
+        ("ours, default", default.precision, ours(default)),
+    ]
+    rows, reference = [], None
+    for name, precision, run in pipelines:
+        run(photos[:1])  # warm-up
+        single, texts = [], []
+        for photo in photos:
+            started = time.perf_counter()
+            texts += run([photo])
+            single.append(time.perf_counter() - started)
+        run(photos[:batch_size])  # warm-up at the folder batch size
+        started = time.perf_counter()
+        run(photos)
+        folder = time.perf_counter() - started
+        reference = texts if reference is None else reference
+        rows.append(
+            {
+                "pipeline": name, "precision": precision, "latency_ms": statistics.median(single) * 1000,
+                "images_per_s": len(photos) / folder,
+                "same": sum(a == b for a, b in zip(texts, reference, strict=True)), "images": len(photos),
+            }
+        )  # fmt: skip
+    return rows
+
+
 HEADER = (
     "| preset | decoding | batch | ours captions/s | transformers captions/s | ours / transformers | same tokens "
     "| bound captions/s | bound / transformers |"
@@ -211,8 +281,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", default=None, help="with --speculative: the model file (default: captioner.pt)")
     parser.add_argument("--data", default=None, help="with --speculative: the data set (test images, train captions)")
-    parser.add_argument("--limit", type=int, default=100, help="with --speculative: images captioned")
+    parser.add_argument("--limit", type=int, default=100, help="with --speculative/--end-to-end: images captioned")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="instead: JPEG to caption on a trained model (--model, --data's test split or examples/), ours in "
+        "float32 and in the default precision against timm + transformers",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="with --end-to-end: images per folder batch")
     arguments = parser.parse_args(argv)
+    if arguments.end_to_end:
+        rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size)
+        base = rows[0]
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rows[0]['images']} photos, the model's "
+            f"default decoding; folders in batches of {arguments.batch_size}"
+        )
+        print(
+            "| pipeline | precision | one image, median ms | speed-up | folder images/s | speed-up "
+            "| captions same as timm + transformers |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            print(
+                f"| {row['pipeline']} | {row['precision']} | {row['latency_ms']:.0f} | "
+                f"{base['latency_ms'] / row['latency_ms']:.2f}x | {row['images_per_s']:.1f} | "
+                f"{row['images_per_s'] / base['images_per_s']:.2f}x | {row['same']}/{row['images']} |"
+            )
+        return 0
     if arguments.speculative:
         report = speculative_report(arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype])
         print(

@@ -18,3 +18,24 @@ def test_quick_table_for_the_tiny_preset(capsys):
     per_layer = (3 + 1 + 1 + 1 + 4) * width * width + 4 * width * width + (3 + 1 + 1 + 1 + 4 + 1) * width
     weights = config.n_layer * per_layer + config.vocab_size * width  # and the LM head
     assert rows[4][3] == f"{weights * 4 / 1e6:.2f} MB |"
+
+
+def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transformers(
+    tmp_path, captioning_model, tiny_tokenizer, capsys
+):
+    from checkpoint import save_captioner
+
+    # Recorded as captioning like float32 in int8: the default row runs int8 on this CPU.
+    metadata = {"decoding": {"num_beams": 3, "max_new_tokens": 8}, "precisions": ["int8", "float32"]}
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, metadata)
+    argv = ["--end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "3", "--batch-size", "2"]
+    assert benchmark.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith(("| timm", "| ours"))]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("timm + transformers", "float32"),
+        ("ours", "float32"),
+        ("ours, default", "int8"),
+    ]
+    assert rows[0][3] == "1.00x" and all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)
+    assert rows[1][6] == "3/3"  # float32 beam search gives transformers' captions, word for word

@@ -33,7 +33,7 @@ import decoding
 from captioner import Captioner
 from config import PRESETS, DecodeConfig
 from data import load_split
-from devices import DTYPES
+from devices import DTYPES, accepted_precisions, runs_natively
 from images import load_image
 from model import CaptionModel
 from pretrained import to_gpt2
@@ -201,7 +201,8 @@ def _their_generate_options(config: DecodeConfig) -> dict:
 def end_to_end_report(model_path: str | None, data: str | None, limit: int, batch_size: int) -> list[dict]:
     """From JPEG files to caption text with the model's default decoding, side by side in one run: one-image
     latency (median over the photos, each captioned alone) and folder throughput (all photos, batched), for ours
-    in float32, ours in the default precision ("auto"), and a plain pipeline on the same float32 weights: the same
+    in float32 and in each faster precision the model records and this machine runs (the one "auto" picks is
+    marked default), and a plain pipeline on the same float32 weights: the same
     preprocessing, timm's encoder, and transformers' `generate()` on the decoder's weights."""
     photos = ([item.image for item in load_split(data, "test")] if data else sorted(EXAMPLES.glob("*.jpg")))[:limit]
     float32 = Captioner.load(model_path, device="cpu", dtype="float32")
@@ -227,12 +228,12 @@ def end_to_end_report(model_path: str | None, data: str | None, limit: int, batc
 
         return run
 
-    default = Captioner.load(model_path, device="cpu")
-    pipelines = [
-        ("timm + transformers", "float32", theirs),
-        ("ours", "float32", ours(float32)),
-        ("ours, default", default.precision, ours(default)),
-    ]
+    default = Captioner.load(model_path, device="cpu").precision
+    pipelines = [("timm + transformers", "float32", theirs), ("ours", "float32", ours(float32))]
+    for precision in [name for name in accepted_precisions(float32.metadata) if name != "float32"]:
+        if runs_natively(precision, float32.device):
+            captioner = Captioner.load(model_path, device="cpu", dtype=precision)
+            pipelines.append(("ours, default" if precision == default else "ours", precision, ours(captioner)))
     rows, reference = [], None
     for name, precision, run in pipelines:
         run(photos[:1])  # warm-up

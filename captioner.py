@@ -155,22 +155,25 @@ class Captioner:
         config = self.check(dataclasses.replace(config or self.default_config(), **options))
         batches = [sources[start : start + batch_size] for start in range(0, len(sources), batch_size)]
         # A reader thread decodes and resizes the next batch while this one is captioned: Pillow releases the GIL
-        # there, so file reading overlaps the model's compute instead of adding to it.
+        # there, so file reading overlaps the model's compute instead of adding to it. The first batch has nothing
+        # to overlap with and is read here; the reader runs no torch code, which would start a second thread pool
+        # competing with the model's.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader") as reader:
-            upcoming = [reader.submit(self._read, batch) for batch in batches[:1]]
-            for index in range(len(batches)):
-                loaded, pixels = upcoming.pop().result()
-                if index + 1 < len(batches):
-                    upcoming.append(reader.submit(self._read, batches[index + 1]))
-                captions = iter(self._caption(self._encode(pixels), config, False, None) if pixels is not None else [])
+            upcoming = None
+            for index, batch in enumerate(batches):
+                loaded, resized = upcoming.result() if upcoming is not None else self._read(batch)
+                upcoming = reader.submit(self._read, batches[index + 1]) if index + 1 < len(batches) else None
+                captions = iter([])
+                if resized is not None:
+                    captions = iter(self._caption(self._encode(self.transform.normalize(resized)), config, False, None))
                 for picture in loaded:
                     yield picture if isinstance(picture, ImageError) else next(captions)
 
-    def _read(self, sources: Sequence[ImageSource]) -> tuple[list[Image.Image | ImageError], Tensor | None]:
-        """Each source loaded (or its error), and the model's input pixels of the good ones (None if none are)."""
+    def _read(self, sources: Sequence[ImageSource]) -> tuple[list[Image.Image | ImageError], np.ndarray | None]:
+        """Each source loaded (or its error), and the good ones resized for the model (None if none are)."""
         loaded = load_each(sources)
         good = [picture for picture in loaded if not isinstance(picture, ImageError)]
-        return loaded, self.transform(good) if good else None
+        return loaded, self.transform.resize(good) if good else None
 
     def _encode(self, pixels: Tensor) -> EncodedImages:
         with torch.inference_mode():

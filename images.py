@@ -168,13 +168,22 @@ class ImageTransform:
 
     def __call__(self, images: list[Image.Image], *, flip: list[bool] | None = None) -> torch.Tensor:
         """Pixel values (B, 3, size, size) for RGB `images`; `flip[i]` mirrors image i left to right."""
+        return self.normalize(self.resize(images, flip=flip))
+
+    def resize(self, images: list[Image.Image], *, flip: list[bool] | None = None) -> np.ndarray:
+        """The resized (and flipped) images as one uint8 array (B, size, size, 3): Pillow and NumPy only, so a
+        reader thread can run it beside the model without starting a second pool of torch threads."""
         arrays = []
         for index, image in enumerate(images):
             resized = image.resize((self.size, self.size), _RESAMPLING[self.interpolation])
             if flip is not None and flip[index]:
                 resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            arrays.append(np.asarray(resized, dtype=np.float32))
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
+            arrays.append(np.asarray(resized, dtype=np.uint8))
+        return np.stack(arrays)
+
+    def normalize(self, resized: np.ndarray) -> torch.Tensor:
+        """`resize`'s array as the model's normalised pixel values (B, 3, size, size), float32."""
+        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (pixels - mean) / std

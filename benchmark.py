@@ -198,6 +198,22 @@ def _their_generate_options(config: DecodeConfig) -> dict:
     }  # fmt: skip
 
 
+def _parts(captioner: Captioner, config: DecodeConfig, photos: Sequence) -> dict:
+    """Where one photo's time goes (medians over `photos`): reading and resizing, the encoder, decoding."""
+    times = {"read_ms": [], "encode_ms": [], "decode_ms": []}
+    for photo in photos:
+        started = time.perf_counter()
+        pixels = captioner.transform([load_image(photo)])
+        read = time.perf_counter()
+        encoded = captioner.encode_pixels(pixels)
+        encoded_at = time.perf_counter()
+        captioner.caption(encoded, config)
+        times["read_ms"].append(read - started)
+        times["encode_ms"].append(encoded_at - read)
+        times["decode_ms"].append(time.perf_counter() - encoded_at)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+
+
 def end_to_end_report(model_path: str | None, data: str | None, limit: int, batch_size: int) -> list[dict]:
     """From JPEG files to caption text with the model's default decoding, side by side in one run: one-image
     latency (median over the photos, each captioned alone) and folder throughput (all photos, batched), for ours
@@ -230,10 +246,12 @@ def end_to_end_report(model_path: str | None, data: str | None, limit: int, batc
 
     default = Captioner.load(model_path, device="cpu").precision
     pipelines = [("timm + transformers", "float32", theirs), ("ours", "float32", ours(float32))]
+    captioners = [None, float32]
     for precision in [name for name in accepted_precisions(float32.metadata) if name != "float32"]:
         if runs_natively(precision, float32.device):
             captioner = Captioner.load(model_path, device="cpu", dtype=precision)
             pipelines.append(("ours, default" if precision == default else "ours", precision, ours(captioner)))
+            captioners.append(captioner)
     rows, reference = [], None
     for name, precision, run in pipelines:
         run(photos[:1])  # warm-up
@@ -247,11 +265,12 @@ def end_to_end_report(model_path: str | None, data: str | None, limit: int, batc
         run(photos)
         folder = time.perf_counter() - started
         reference = texts if reference is None else reference
+        parts = _parts(captioners[len(rows)], config, photos) if captioners[len(rows)] is not None else {}
         rows.append(
             {
                 "pipeline": name, "precision": precision, "latency_ms": statistics.median(single) * 1000,
                 "images_per_s": len(photos) / folder,
-                "same": sum(a == b for a, b in zip(texts, reference, strict=True)), "images": len(photos),
+                "same": sum(a == b for a, b in zip(texts, reference, strict=True)), "images": len(photos), **parts,
             }
         )  # fmt: skip
     return rows
@@ -309,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{base['latency_ms'] / row['latency_ms']:.2f}x | {row['images_per_s']:.1f} | "
                 f"{row['images_per_s'] / base['images_per_s']:.2f}x | {row['same']}/{row['images']} |"
             )
+        print()
+        print("| ours, precision | reading and resizing, ms | encoder, ms | decoding, ms |")
+        print("|---|---|---|---|")
+        for row in rows[1:]:
+            print(f"| {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | {row['decode_ms']:.0f} |")
         return 0
     if arguments.speculative:
         report = speculative_report(arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype])

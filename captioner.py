@@ -123,7 +123,7 @@ class Captioner:
 
     def encode(self, images: Sequence[ImageSource]) -> EncodedImages:
         """Encode images once; pass the result to `caption` as often as needed."""
-        return self._encode(self.transform([load_image(image) for image in images]))
+        return self.encode_pixels(self.transform([load_image(image) for image in images]))
 
     def caption(
         self,
@@ -165,7 +165,9 @@ class Captioner:
                 upcoming = reader.submit(self._read, batches[index + 1]) if index + 1 < len(batches) else None
                 captions = iter([])
                 if resized is not None:
-                    captions = iter(self._caption(self._encode(self.transform.normalize(resized)), config, False, None))
+                    captions = iter(
+                        self._caption(self.encode_pixels(self.transform.normalize(resized)), config, False, None)
+                    )
                 for picture in loaded:
                     yield picture if isinstance(picture, ImageError) else next(captions)
 
@@ -175,7 +177,8 @@ class Captioner:
         good = [picture for picture in loaded if not isinstance(picture, ImageError)]
         return loaded, self.transform.resize(good) if good else None
 
-    def _encode(self, pixels: Tensor) -> EncodedImages:
+    def encode_pixels(self, pixels: Tensor) -> EncodedImages:
+        """`encode` for pixel values already made by `self.transform` (B, 3, size, size)."""
         with torch.inference_mode():
             return EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
 

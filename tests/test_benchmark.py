@@ -34,7 +34,9 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     argv = ["--end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "3", "--batch-size", "2"]
     assert benchmark.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith(("| timm", "| ours"))]
+    rows = [
+        line.strip("| ").split(" | ") for line in lines if line.startswith(("| timm", "| ours |", "| ours, default"))
+    ]
     from devices import native_half
 
     bfloat16 = native_half(torch.device("cpu")) == torch.bfloat16
@@ -43,3 +45,11 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     assert [(row[0], row[1]) for row in rows] == expected
     assert rows[0][3] == "1.00x" and all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)
     assert rows[1][6] == "3/3"  # float32 beam search gives transformers' captions, word for word
+    parts = [
+        line.strip("| ").split(" | ")
+        for line in lines[
+            lines.index("| ours, precision | reading and resizing, ms | encoder, ms | decoding, ms |") + 2 :
+        ]
+    ]
+    assert [row[0] for row in parts] == [row[1] for row in rows[1:]]
+    assert all(float(cell) > 0 for row in parts for cell in row[1:])

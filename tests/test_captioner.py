@@ -160,6 +160,23 @@ def test_too_long_a_request_is_a_clear_error(captioner):
         captioner.caption([_photo(13)], DecodeConfig(strategy="greedy", max_new_tokens=200))
 
 
+def _assert_float32_gives_their_tokens_the_same_logprobs(fast: Captioner, float32: Captioner, photos, atol: float):
+    """The float32 model, teacher-forced on each caption of a faster precision, gives its tokens the same
+    log-probabilities up to rounding (a tie may still make the two precisions choose differently), for greedy and
+    beam search; and the attention maps of the faster precision still sum to one."""
+    for config in (GREEDY, DecodeConfig(num_beams=3, max_new_tokens=6)):
+        for photo, caption in zip(photos, fast.caption(photos, config), strict=True):
+            ids = list(caption.token_ids)
+            inputs = torch.tensor([[float32.tokenizer.bos_token_id, *ids[:-1]]])
+            with torch.inference_mode():
+                logits = float32.model.decode(inputs, float32.encode([photo]).tokens)[0]
+            expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+            np.testing.assert_allclose(caption.token_logprobs, expected.numpy(), atol=atol)
+    [caption] = fast.caption([photos[0]], attention=True, strategy="beam", num_beams=3, max_new_tokens=6)
+    assert caption.attention.dtype == np.float32
+    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     tmp_path, captioning_model, tiny_tokenizer, captioner, dtype
@@ -167,20 +184,7 @@ def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {})
     half = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype=dtype)
     assert {parameter.dtype for parameter in half.model.parameters()} == {getattr(torch, dtype)}
-    photos = [_photo(14), _photo(15)]
-    for config in (GREEDY, DecodeConfig(num_beams=3, max_new_tokens=6)):
-        for photo, caption in zip(photos, half.caption(photos, config), strict=True):
-            # The float32 model, teacher-forced on the half-precision caption, gives its tokens the same
-            # log-probabilities up to rounding (a tie may still make the two precisions choose differently).
-            ids = list(caption.token_ids)
-            inputs = torch.tensor([[tiny_tokenizer.bos_token_id, *ids[:-1]]])
-            with torch.inference_mode():
-                logits = captioner.model.decode(inputs, captioner.encode([photo]).tokens)[0]
-            expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
-            np.testing.assert_allclose(caption.token_logprobs, expected.numpy(), atol=0.1)
-    [caption] = half.caption([photos[0]], attention=True, strategy="beam", num_beams=3, max_new_tokens=6)
-    assert caption.attention.dtype == np.float32
-    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
+    _assert_float32_gives_their_tokens_the_same_logprobs(half, captioner, [_photo(14), _photo(15)], atol=0.1)
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, int8, not 'int4'"):
         Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int4")
 
@@ -197,19 +201,9 @@ def test_int8_quantizes_the_decoders_linear_layers_and_keeps_the_float32_models_
     assert decoder_linears == []  # every one replaced
     assert any(isinstance(module, Int8Linear) for module in int8.model.decoder.modules())
     assert any(isinstance(module, torch.nn.Linear) for module in int8.model.encoder.modules())  # stays float32
-    photos = [_photo(16), _photo(17)]
-    for config in (GREEDY, DecodeConfig(num_beams=3, max_new_tokens=6)):
-        for photo, caption in zip(photos, int8.caption(photos, config), strict=True):
-            ids = list(caption.token_ids)
-            inputs = torch.tensor([[tiny_tokenizer.bos_token_id, *ids[:-1]]])
-            with torch.inference_mode():
-                logits = captioner.model.decode(inputs, captioner.encode([photo]).tokens)[0]
-            expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
-            # int8 rounds activations as well as weights: up to about 0.3 nats on this tiny random model, whose logits
-            # are sharper than a trained one's; a broken quantization is off by several.
-            np.testing.assert_allclose(caption.token_logprobs, expected.numpy(), atol=0.35)
-    [caption] = int8.caption([photos[0]], attention=True, strategy="beam", num_beams=3, max_new_tokens=6)
-    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, rtol=1e-2)
+    # int8 rounds activations as well as weights: up to about 0.3 nats on this tiny random model, whose logits are
+    # sharper than a trained one's; a broken quantization is off by several.
+    _assert_float32_gives_their_tokens_the_same_logprobs(int8, captioner, [_photo(16), _photo(17)], atol=0.35)
     with pytest.raises(ValueError, match="int8 runs on CPUs only"):
         Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="int8")
 

@@ -247,6 +247,7 @@ class TrainConfig:
     eval_beams: int = option(3, "beams of the validation captions")
     log_every: int = option(20, "optimizer steps between log lines")
     checkpoint_every: int = option(100, "optimizer steps between saves of last.pt within an epoch")
+    keep_epochs: bool = option(False, "also keep each epoch's weights as epoch-N.pt, e.g. to average the last ones")
     seed: int = option(0, "seed of the model init and the data order")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: TrainPrecision = option(

@@ -40,6 +40,7 @@ from checkpoint import (
     load_captioner,
     load_training_checkpoint,
     rng_state,
+    save_captioner,
     save_training_checkpoint,
     set_rng_state,
 )
@@ -127,10 +128,12 @@ def train(config: TrainConfig) -> dict:
         else "images read every step",
     )  # fmt: skip
 
+    def metadata(metrics: dict) -> dict:
+        return {"trained_on": config.data, "metrics": metrics, "step": state.step}
+
     def save(path: Path, metrics: dict) -> None:
         state.optimizer, state.rng = optimizer.state_dict(), rng_state()
-        metadata = {"trained_on": config.data, "metrics": metrics, "step": state.step}
-        save_training_checkpoint(path, model, tokenizer, metadata, state)
+        save_training_checkpoint(path, model, tokenizer, metadata(metrics), state)
 
     # ---- the objective ----
     reward = None
@@ -164,6 +167,8 @@ def train(config: TrainConfig) -> dict:
             _append_csv(out_dir / "metrics.csv", metrics)
             _board(board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
             save(last_path, metrics)
+            if config.keep_epochs:  # weights only: a third of last.pt's size
+                save_captioner(out_dir / f"epoch-{epoch + 1}.pt", model, tokenizer, metadata(metrics))
         model.train()
         if world > 1:
             dist.barrier()

@@ -71,8 +71,12 @@ def test_caption_targets_shift_once_keep_eos_and_mask_padding():
 @pytest.mark.slow
 def test_a_tiny_model_overfits_real_photos_and_then_reproduces_their_captions(tmp_path, photos):
     config = _config(tmp_path, photos, batch_size=4, epochs=200, dropout=0.0, lr=3e-3, min_lr=3e-3, unfreeze_blocks=0)
-    metrics = train.train(config)
+    metrics = train.train(dataclasses.replace(config, keep_epochs=True))
     assert metrics["epoch"] == 200
+    kept = load_captioner(tmp_path / "run" / "epoch-200.pt")
+    assert kept[2]["step"] == 200 and sorted((tmp_path / "run").glob("epoch-*.pt"))[0].name == "epoch-1.pt"
+    last = _weights(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(tensor, last[name]) for name, tensor in kept[0].state_dict().items())
     captioner = Captioner(*load_captioner(tmp_path / "run" / "last.pt")[:2], device="cpu")
     images = [photos / "train" / name for name in CAPTIONS]
     captions = captioner.caption(images, DecodeConfig(strategy="greedy", max_new_tokens=20))

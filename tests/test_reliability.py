@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, start_app, stop_app
+from PIL import Image
 
 import app
 import caption
@@ -180,24 +181,32 @@ def test_a_full_queue_answers_busy_instead_of_hanging(tmp_path, captioning_model
     url, process = start_app(tmp_path / "model.pt", "--queue-size", "1")
     try:
         outcomes = []
+        # A different photo per request: gradio writes identical output images to one cache path without an atomic
+        # replace, so simultaneous identical requests can read each other's half-written attention overlay.
+        photos = []
+        for index in range(24):
+            photos.append(tmp_path / f"cat-{index}.png")
+            Image.open(ROOT / "examples" / "cat.jpg").resize((200 + index, 150)).save(photos[-1])
 
-        def request():
+        def request(photo):
             client = Client(url, verbose=False)
             started = time.monotonic()
             try:
-                client.predict(handle_file(str(ROOT / "examples" / "cat.jpg")), num_beams=8, api_name="/caption")
+                client.predict(handle_file(str(photo)), num_beams=8, api_name="/caption")
                 outcomes.append(("ok", time.monotonic() - started))
             except Exception as error:  # the client raises its own error types for a refused job
                 outcomes.append((str(error), time.monotonic() - started))
 
-        threads = [threading.Thread(target=request) for _ in range(24)]
+        threads = [threading.Thread(target=request, args=(photo,)) for photo in photos]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
         assert len(outcomes) == 24
         refused = [message for message, _ in outcomes if message != "ok"]
-        unexplained = [message for message in refused if "full" not in message.lower() and "busy" not in message.lower()]
+        unexplained = [
+            message for message in refused if "full" not in message.lower() and "busy" not in message.lower()
+        ]
         assert refused and not unexplained, unexplained
         assert any(message == "ok" for message, _ in outcomes)
     finally:

@@ -149,10 +149,12 @@ def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokeni
 
 
 def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel, CaptionTokenizer, dict]:
-    """One model whose weights are the mean of several checkpoints of the same run (e.g. its last epochs).
+    """One model whose weights are the mean of several checkpoints of one model: a run's last epochs, or a
+    fine-tuning run's end and its starting point (the shipped model: cross-entropy, then self-critical training).
 
-    Averaging the end of a run smooths out the noise of the last optimizer steps; it only makes sense for
-    checkpoints of one model, so configs and tokenizers must be identical. The metadata is the last file's, with
+    Averaging the end of a run smooths out the noise of the last optimizer steps; averaging a fine-tune with its
+    start keeps some of what each was better at. It only makes sense for checkpoints of one model, so configs and
+    tokenizers must be identical. The metadata is the last file's, with
     its per-checkpoint validation metrics replaced by the list of averaged files.
     """
     if not paths:

@@ -51,7 +51,7 @@ def release(
 ) -> dict:
     """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
 
-    `source` is one training checkpoint, or several of one run, whose weights are averaged (`average_captioners`).
+    `source` is one training checkpoint, or several of one model, whose weights are averaged (`average_captioners`).
 
     With `data` (the training data set), the file also carries what is made from it: the n-gram draft table of the
     training captions (speculative greedy decoding), and the familiarity model of the training photos, calibrated
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("release", help="make a shippable model file from a training checkpoint")
-    make.add_argument("sources", nargs="+", metavar="source", help="a checkpoint; several of one run are averaged")
+    make.add_argument("sources", nargs="+", metavar="source", help="a checkpoint; several of one model are averaged")
     make.add_argument("destination")
     make.add_argument("--decoding", type=json.loads, default=None, help="recommended decoding options (JSON)")
     make.add_argument("--metadata", type=json.loads, default=None, help="more metadata to record (JSON object)")

@@ -12,7 +12,9 @@ import argparse
 import base64
 import csv
 import dataclasses
+import hashlib
 import inspect
+import io
 import os
 import sys
 import tempfile
@@ -203,6 +205,29 @@ def attention_overlay(photo: Image.Image, heatmap: np.ndarray) -> Image.Image:
     return Image.composite(red, dimmed, mask.point(lambda value: int(value * 0.75))).convert("RGB")
 
 
+OVERLAY_DIR = Path(tempfile.gettempdir()) / "image-captioner-overlays"
+
+
+def _image_file(image: Image.Image) -> str:
+    """`image` as a PNG file named by its content, written whole before it appears under that name.
+
+    Returned as a PIL image, gradio would write it to a cache path named by its content with a plain write, so two
+    requests with the same overlay (two people captioning the same example at once) could read each other's
+    half-written file; a returned path is copied into gradio's cache atomically instead.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    OVERLAY_DIR.mkdir(exist_ok=True)
+    path = OVERLAY_DIR / f"{hashlib.sha256(data).hexdigest()}.png"
+    if not path.exists():
+        handle, staging = tempfile.mkstemp(dir=OVERLAY_DIR, suffix=".partial")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
 def _details(caption: Caption, config: DecodeConfig) -> dict:
     return {
         "caption": caption.text,
@@ -273,7 +298,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
             raise gr.Error(str(error)) from error
         rows = [[c.text, round(c.confidence, 3), round(c.score, 3)] for c in (caption, *caption.alternatives)]
         words = list(caption.words)
-        overlay = attention_overlay(photo, caption.attention[0]) if words else None
+        overlay = _image_file(attention_overlay(photo, caption.attention[0])) if words else None
         state = {"photo": photo, "maps": caption.attention}
         # A word can occur twice ("a ... a"): choices are (word, position) pairs.
         word_choice = gr.Radio(
@@ -287,7 +312,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
     def show_word(position, state):
         if not state or not isinstance(position, int) or not 0 <= position < len(state["maps"]):
             return None
-        return attention_overlay(state["photo"], state["maps"][position])
+        return _image_file(attention_overlay(state["photo"], state["maps"][position]))
 
     token_limit = captioner.model.config.n_positions - 1
     with gr.Row():

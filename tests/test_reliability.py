@@ -213,6 +213,28 @@ def test_a_full_queue_answers_busy_instead_of_hanging(tmp_path, captioning_model
         stop_app(process)
 
 
+def test_an_overlay_file_is_never_seen_half_written_by_simultaneous_identical_requests(tmp_path, monkeypatch):
+    # Two people captioning the same example at once get the same overlay: each must be handed a whole file.
+    monkeypatch.setattr(app, "OVERLAY_DIR", tmp_path)
+    overlay = Image.effect_noise((400, 300), 64).convert("RGB")
+    whole = Image.open(app._image_file(overlay)).tobytes()
+    (tmp_path / next(tmp_path.iterdir()).name).unlink()  # the first call only measured the whole file
+    seen = []
+
+    def request():
+        for _ in range(10):
+            with Image.open(app._image_file(overlay)) as image:
+                seen.append(image.tobytes() == whole)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 80 and all(seen)
+    assert [path.suffix for path in tmp_path.iterdir()] == [".png"]  # one file, no staging leftovers
+
+
 @pytest.mark.slow
 def test_the_load_script_reports_zero_failures_on_a_small_run(tmp_path, captioning_model, tiny_tokenizer, capsys):
     import load_app

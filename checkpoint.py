@@ -285,6 +285,7 @@ class TrainingState:
     rng: dict  # torch's random state (and CUDA's), so dropout and data choices continue the same way
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     best_cider: float = -1.0  # the best validation score so far (best.pt's)
+    distillation_head: dict = field(default_factory=dict)  # train.py --distill's head (state_dict): training only
 
 
 def rng_state() -> dict:

@@ -240,6 +240,10 @@ class TrainConfig:
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     objective: Objective = option("cross_entropy", "cross_entropy, or scst: self-critical CIDEr-D (use --init-from)")
     scst_samples: int = option(5, "captions sampled per image by scst, each baselined by the others' mean reward")
+    distill: float = option(
+        0.0, "weight of the ImageNet teacher's distillation loss (0: off; the teacher is in requirements-dev.txt)"
+    )
+    distill_temperature: float = option(2.0, "temperature softening the teacher's and the head's distributions")
     flip: bool = option(True, "mirror training images at random (never those whose captions say left or right)")
     max_caption_tokens: int = option(40, "longer training captions are cut")
     eval_every: int = option(1, "epochs between validations (0: never); the last epoch is always validated")
@@ -292,6 +296,12 @@ class TrainConfig:
         _require(self.objective in typing.get_args(Objective), "objective", self.objective, "cross_entropy or scst")
         ok = isinstance(self.scst_samples, int) and 2 <= self.scst_samples <= 16
         _require(ok, "scst_samples", self.scst_samples, "a whole number in [2, 16] (each sample needs others)")
+        _require_finite("distill", self.distill, 0.0, 100.0, "in [0, 100]")
+        _require_finite("distill_temperature", self.distill_temperature, 0.1, 100.0, "in [0.1, 100]")
+        _require(
+            not (self.distill and self.objective != "cross_entropy"), "distill", self.distill,
+            "0 with --objective scst (distillation goes with cross-entropy training)",
+        )  # fmt: skip
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
         if self.cache_blocks is not None:

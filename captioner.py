@@ -23,7 +23,7 @@ from torch import Tensor
 import decoding
 from checkpoint import download, load_captioner
 from config import DecodeConfig
-from devices import INT8, accepted_precisions, compute_dtype, default_device, inference_precision, quantize_int8
+from devices import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
@@ -75,9 +75,7 @@ class Captioner:
         self.metadata = dict(metadata or {})
         self.precision = inference_precision(dtype, self.device, accepted_precisions(self.metadata))
         self.dtype = compute_dtype(self.precision)
-        self.model = model.to(self.device, self.dtype).eval()
-        if self.precision == INT8:
-            self.model = quantize_int8(self.model)
+        self.model = quantize(model.to(self.device).eval(), self.precision)
         self.tokenizer = tokenizer
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several

@@ -196,7 +196,7 @@ class DecodeConfig:
 # What training computes in (autocast), and what a released model may run in: the same, plus int8 weights.
 TrainPrecision = Literal["auto", "float32", "bfloat16", "float16"]
 TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
-Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+Precision = Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-int8"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 

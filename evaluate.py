@@ -20,7 +20,7 @@ from checkpoint import CheckpointError, update_metadata
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
 from data import DataError, load_split
-from devices import DTYPES, INT8, SPEED_ORDER, native_half, runs_natively
+from devices import DTYPES, QUANTIZED, SPEED_ORDER, native_half, runs_natively
 from familiarity import auroc
 from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
@@ -63,14 +63,15 @@ def choose_precision(
     arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
     references: dict,
 ) -> int:  # fmt: skip
-    """Score the model in float32 and in each faster precision this machine computes natively (its half precision,
-    int8 on a CPU); record in the model file those within PRECISION_TOLERANCE of float32, fastest first, so that
-    `--dtype auto` runs the fastest of them that a user's machine supports."""
+    """Score the model in float32 and in each faster precision this machine computes natively (its half precision;
+    on a CPU int8, and bfloat16 with int8 decoder weights where bfloat16 is native); record in the model file those
+    within PRECISION_TOLERANCE of float32, fastest first, so that `--dtype auto` runs the fastest of them that a
+    user's machine supports."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
-    candidates = [name for name, dtype in DTYPES.items() if dtype == half] + (
-        [INT8] if runs_natively(INT8, float32.device) else []
-    )
+    candidates = [name for name, dtype in DTYPES.items() if dtype == half] + [
+        name for name in QUANTIZED if runs_natively(name, float32.device)
+    ]
     for name in candidates:
         captioner = Captioner.load(arguments.model, device=float32.device, revision=arguments.revision, dtype=name)
         encoded, _ = encode_split(captioner, items, arguments.batch_size)

@@ -185,7 +185,8 @@ def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     half = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype=dtype)
     assert {parameter.dtype for parameter in half.model.parameters()} == {getattr(torch, dtype)}
     _assert_float32_gives_their_tokens_the_same_logprobs(half, captioner, [_photo(14), _photo(15)], atol=0.1)
-    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, int8, not 'int4'"):
+    choices = "auto, float32, bfloat16, float16, int8, bfloat16-int8"
+    with pytest.raises(ValueError, match=f"dtype must be one of {choices}, not 'int4'"):
         Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int4")
 
 
@@ -206,6 +207,32 @@ def test_int8_quantizes_the_decoders_linear_layers_and_keeps_the_float32_models_
     _assert_float32_gives_their_tokens_the_same_logprobs(int8, captioner, [_photo(16), _photo(17)], atol=0.35)
     with pytest.raises(ValueError, match="int8 runs on CPUs only"):
         Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="int8")
+
+
+def test_bfloat16_int8_holds_int8_decoder_weights_and_keeps_the_float32_models_token_probabilities(
+    tmp_path, captioning_model, tiny_tokenizer, captioner
+):
+    from devices import Int8WeightLinear
+
+    save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {})
+    fast = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="bfloat16-int8")
+    assert fast.precision == "bfloat16-int8" and fast.dtype == torch.bfloat16
+    assert not any(isinstance(module, torch.nn.Linear) for module in fast.model.decoder.modules())  # all replaced
+    quantized = [module for module in fast.model.decoder.modules() if isinstance(module, Int8WeightLinear)]
+    assert quantized and all(module.weight.dtype == torch.int8 for module in quantized)
+    encoder_weights = {p.dtype for p in fast.model.encoder.parameters()}
+    assert encoder_weights == {torch.bfloat16}  # the encoder and the LM head (the embedding) stay bfloat16
+    assert fast.model.decoder.wte.weight.dtype == torch.bfloat16
+    # Each int8 weight is its float32 value to within half a step of its row's scale.
+    original = dict(captioning_model.decoder.named_modules())
+    for name, module in fast.model.decoder.named_modules():
+        if isinstance(module, Int8WeightLinear):
+            dequantized = module.weight.float() * module.scales.float()[:, None]
+            step = module.scales.float()[:, None]
+            assert ((dequantized - original[name].weight.float()).abs() <= 0.51 * step + 1e-3).all(), name
+    _assert_float32_gives_their_tokens_the_same_logprobs(fast, captioner, [_photo(18), _photo(19)], atol=0.2)
+    with pytest.raises(ValueError, match="bfloat16-int8 runs on CPUs only"):
+        Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="bfloat16-int8")
 
 
 def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_natively(
@@ -233,3 +260,13 @@ def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_nativ
     assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "int8"
     monkeypatch.setattr(devices, "quantized_engine", lambda: "none")  # and without int8 kernels
     assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "float32"
+
+    # bfloat16 with int8 decoder weights, where recorded, goes first, but only where bfloat16 is native.
+    every = {"precision": "bfloat16-int8", "precisions": ["bfloat16-int8", "bfloat16", "int8", "float32"]}
+    save_captioner(tmp_path / "every.pt", captioning_model, tiny_tokenizer, every)
+    assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "float32"  # no bf16, no int8 kernels
+    monkeypatch.undo()
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "int8"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
+    assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "bfloat16-int8"

@@ -95,8 +95,7 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
 def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_float32(
     tmp_path, captioning_model, tiny_tokenizer, monkeypatch, capsys, native
 ):
-    import torch
-
+    import devices
     from checkpoint import load_captioner, save_captioner
 
     (tmp_path / "data" / "test").mkdir(parents=True)
@@ -104,17 +103,18 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
         shutil.copy(ROOT / "examples" / name, tmp_path / "data" / "test" / name)
         (tmp_path / "data" / "test" / name).with_suffix(".txt").write_text("a photo\nsomething\n")
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
-    monkeypatch.setattr(evaluate, "native_half", lambda device: None if native is None else torch.bfloat16)
+    flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16"} if native else set())  # the CPU's report, simulated
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
     assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
     metadata = load_captioner(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
-    assert set(scores) == {"float32", "int8"} | ({native} if native else set())
+    assert set(scores) == {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
 
     def close(name: str) -> bool:
         return all(abs(scores[name][metric] - scores["float32"][metric]) <= 0.01 for metric in ("CIDEr", "BLEU-4"))
 
-    expected = [name for name in ("bfloat16", "int8", "float32") if name in scores and close(name)]
+    expected = [name for name in ("bfloat16-int8", "bfloat16", "int8", "float32") if name in scores and close(name)]
     assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
     assert f"recorded precision: {expected[0]} (within tolerance, fastest first: {', '.join(expected)})" in (
         capsys.readouterr().out

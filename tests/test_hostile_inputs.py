@@ -50,7 +50,7 @@ def test_a_folder_given_as_a_file_and_a_missing_file(tmp_path):
         load_image(tmp_path / "absent.jpg")
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "int8", "bfloat16-int8"])
 def test_caption_command_reports_each_bad_file_and_captions_the_rest_in_every_precision(
     tmp_path, captioning_model, tiny_tokenizer, capsys, precision
 ):

@@ -148,17 +148,24 @@ def latency_split(name: str, repeats: int, dtype: torch.dtype = torch.float32) -
     return {"preset": name, "encoder_ms": encoder * 1000, "decoder_ms": decoder * 1000, "step_mb": read / 1e6}
 
 
-def speculative_report(model_path: str | None, data: str | None, limit: int, dtype: torch.dtype) -> dict:
+def speculative_report(
+    model_path: str | None, data: str | None, limit: int, dtype: torch.dtype, draft_order: int = 0,
+    draft_tokens: int = 4,
+) -> dict:  # fmt: skip
     """Plain greedy against speculative greedy on a trained model, one image at a time (the app's case), on the
-    data's test split (or examples/): the same ids?, tokens per forward pass, and milliseconds per caption."""
+    data's test split (or examples/): the same ids?, tokens per forward pass, and milliseconds per caption.
+
+    The draft is the model file's n-gram table, or one of `draft_order` built from the data's training captions."""
     captioner = Captioner.load(model_path, device="cpu", dtype=dtype)
     tokenizer = captioner.tokenizer
-    table = captioner.draft
+    table = None if draft_order else captioner.draft
     if data is not None:
         images = [item.image for item in load_split(data, "test")[:limit]]
         if table is None:
             captions = [tokenizer.encode(c) for item in load_split(data, "train") for c in item.captions]
-            table = DraftTable.from_captions(captions, tokenizer.bos_token_id, tokenizer.eos_token_id)
+            table = DraftTable.from_captions(
+                captions, tokenizer.bos_token_id, tokenizer.eos_token_id, order=draft_order or 3
+            )
     else:
         images = sorted(EXAMPLES.glob("*.jpg"))[:limit]
     if table is None:
@@ -173,7 +180,7 @@ def speculative_report(model_path: str | None, data: str | None, limit: int, dty
         plain = decoding.generate(captioner.model, image_tokens, config, bos_token_id=prompt[0], eos_token_id=eos)
         plain_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        fast, used = speculative_greedy(captioner.model, image_tokens, config, prompt, eos, table)
+        fast, used = speculative_greedy(captioner.model, image_tokens, config, prompt, eos, table, draft_tokens)
         speculative_seconds += time.perf_counter() - started
         length = int(plain.lengths[0, 0])
         same += int(
@@ -302,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="with --speculative: the data set (test images, train captions)")
     parser.add_argument("--limit", type=int, default=100, help="with --speculative/--end-to-end: images captioned")
     parser.add_argument(
+        "--draft-order", type=int, default=0, help="with --speculative: n-gram order of a table built from --data "
+        "(0: the model file's table)"
+    )  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, default=4, help="with --speculative: tokens drafted per pass")
+    parser.add_argument(
         "--end-to-end",
         action="store_true",
         help="instead: JPEG to caption on a trained model (--model, --data's test split or examples/), ours in "
@@ -334,9 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | {row['decode_ms']:.0f} |")
         return 0
     if arguments.speculative:
-        report = speculative_report(arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype])
+        if arguments.draft_order and arguments.data is None:
+            parser.error("--draft-order builds a table from --data's training captions: pass --data")
+        report = speculative_report(
+            arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype], arguments.draft_order,
+            arguments.draft_tokens,
+        )  # fmt: skip
         print(
-            f"{report['images']} images, {arguments.dtype}, greedy one image at a time: identical ids for "
+            f"{report['images']} images, {arguments.dtype}, greedy one image at a time, draft of "
+            f"{arguments.draft_tokens} tokens: identical ids for "
             f"{report['same']} of {report['images']}; {report['tokens_per_pass']:.2f} tokens per decoder pass; "
             f"plain {report['plain_ms']:.1f} ms, speculative {report['speculative_ms']:.1f} ms a caption "
             f"({report['plain_ms'] / report['speculative_ms']:.2f}x)"

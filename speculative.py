@@ -90,7 +90,10 @@ def speculative_greedy(
     device = image_tokens.device
     tokens = torch.tensor(prompt, device=device).expand(rows, -1)  # (B, P)
     prompt_length = tokens.shape[1]
-    cache = model.start_cache(image_tokens, 1, prompt_length + config.max_new_tokens + draft_tokens)
+    # Room for the longest caption and a draft after it, within the positions the decoder has.
+    cache = model.start_cache(
+        image_tokens, 1, min(model.config.n_positions, prompt_length + config.max_new_tokens + draft_tokens)
+    )
     logits = model.decode_step(tokens, cache)  # (B, V): the next token's
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     chosen_logprobs: list[Tensor] = []
@@ -110,7 +113,7 @@ def speculative_greedy(
         if finished.all() or generated == config.max_new_tokens:
             break
         # Draft, check every drafted token in one pass, and keep those the model agrees with.
-        count = min(draft_tokens, config.max_new_tokens - generated - 1)
+        count = min(draft_tokens, config.max_new_tokens - generated - 1, cache.capacity - cache.length - 1)
         if count == 0:
             logits = model.decode_step(choice[:, None], cache)
             passes += 1

@@ -1,5 +1,6 @@
 """benchmark.py runs end to end and checks its own premise: both decoders generate the same tokens."""
 
+import pytest
 import torch
 
 import benchmark
@@ -53,3 +54,32 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     ]
     assert [row[0] for row in parts] == [row[1] for row in rows[1:]]
     assert all(float(cell) > 0 for row in parts for cell in row[1:])
+
+
+def test_speculative_report_matches_plain_greedy_with_the_files_table_or_one_built_from_the_data(
+    tmp_path, captioning_model, tiny_tokenizer, capsys
+):
+    import shutil
+
+    from conftest import ROOT
+
+    from checkpoint import save_captioner
+    from speculative import DraftTable
+
+    captions = ["a cat", "a cat on a rug", "a cup of coffee", "a rocket"]
+    ids = [tiny_tokenizer.encode(caption) for caption in captions]
+    table = DraftTable.from_captions(ids, tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id)
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"draft": table.to_dict()})
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for name, caption in zip(("cat.jpg", "coffee.jpg", "rocket.jpg"), captions, strict=False):
+            shutil.copy(ROOT / "examples" / name, tmp_path / "data" / split / name)
+            (tmp_path / "data" / split / name).with_suffix(".txt").write_text(caption + "\n")
+    model = ["--speculative", "--model", str(tmp_path / "model.pt"), "--limit", "3"]
+    assert benchmark.main(model) == 0
+    assert "draft of 4 tokens: identical ids for 3 of 3" in capsys.readouterr().out
+    assert benchmark.main([*model, "--data", str(tmp_path / "data"), "--draft-order", "4", "--draft-tokens", "6"]) == 0
+    assert "draft of 6 tokens: identical ids for 3 of 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main([*model, "--draft-order", "4"])
+    assert "pass --data" in capsys.readouterr().err

@@ -53,6 +53,21 @@ def test_speculative_greedy_equals_plain_greedy(seed, config, draft_from):
         assert passes < int(plain.lengths.max()), passes  # fewer passes than tokens
 
 
+@pytest.mark.parametrize("prefix", [[], [7, 3]])
+def test_speculative_greedy_drafts_only_as_far_as_the_decoders_positions_reach(prefix):
+    """A caption as long as the model allows leaves no room for a draft after it: the last passes draft less."""
+    model, images = _model(0), _images(3)
+    room = model.config.n_positions - 1 - len(prefix)
+    config = DecodeConfig(strategy="greedy", max_new_tokens=room, min_new_tokens=room)
+    plain = decoding.generate(model, images, config, bos_token_id=BOS, eos_token_id=EOS, prefix_ids=prefix)
+    captions = [row.tolist() for row in plain.sequences[:, 0]]
+    with torch.inference_mode():
+        table = DraftTable.from_captions(captions, BOS, EOS)
+        fast, _ = speculative_greedy(model, images, config, (BOS, *prefix), EOS, table)
+    assert int(plain.lengths.min()) == room
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
+
+
 def test_draft_table_backs_off_to_shorter_contexts_and_round_trips_through_plain_lists():
     table = DraftTable.from_captions([[5, 6, 7], [5, 6, 7], [9, 6, 8]], BOS, EOS, order=3)
     assert table.draft([BOS, 5, 6], 3, EOS) == [7, EOS, EOS]

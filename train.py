@@ -7,11 +7,11 @@
 
 It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, objective (token
 cross-entropy, optionally with an ImageNet teacher distilled into the ViT: distill.py; or self-critical CIDEr-D:
-scst.py), then the loop. Each step samples a batch, computes the loss, and
-takes an optimizer step; each epoch ends with validation (loss, caption
-metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`. `last.pt` is also saved every
-`checkpoint_every` steps. When the encoder's first blocks are frozen, their output tokens are computed once per
-image and cached on disk (features.FeatureCache), so each epoch runs only the trainable blocks.
+scst.py), then the loop. Each step samples a batch, computes the loss, and takes an optimizer step; each epoch ends
+with validation (loss, caption metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`.
+`last.pt` is also saved every `checkpoint_every` steps. When the encoder's first blocks are frozen, their output
+tokens are computed once per image and cached on disk (features.FeatureCache), so each epoch runs only the
+trainable blocks.
 """
 
 import argparse
@@ -113,7 +113,7 @@ def train(config: TrainConfig) -> dict:
             distiller.head.load_state_dict(state.distillation_head)
 
     # ---- optimizer and schedule ----
-    head = distiller.head if distiller else None
+    head = distiller.head if distiller is not None else None
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config, head), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
     )
@@ -143,7 +143,7 @@ def train(config: TrainConfig) -> dict:
 
     def save(path: Path, metrics: dict) -> None:
         state.optimizer, state.rng = optimizer.state_dict(), rng_state()
-        state.distillation_head = head.state_dict() if head else {}
+        state.distillation_head = head.state_dict() if head is not None else {}
         save_training_checkpoint(path, model, tokenizer, metadata(metrics), state)
 
     # ---- the objective ----
@@ -202,7 +202,7 @@ def train(config: TrainConfig) -> dict:
         if runner is None or wanted != encoder_training:
             encoder_training = wanted
             model.encoder.set_trainable(config.unfreeze_blocks if encoder_training else 0)
-            trained = distiller or model
+            trained = model if distiller is None else distiller
             runner = trained if world == 1 else _distributed(trained, device)
         if progress is None:
             progress = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", disable=not is_main)

@@ -220,6 +220,7 @@ class TrainConfig:
     n_head: int | None = option(None, "decoder attention heads of a new model (empty: the preset's)")
     n_embd: int | None = option(None, "decoder width of a new model (empty: the preset's)")
     dropout: float | None = option(None, "dropout of a new model (empty: the preset's)")
+    image_pool: int | None = option(None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)")
     unfreeze_blocks: int = option(4, "train the encoder's last N blocks (0: frozen encoder)")
     unfreeze_epoch: int = option(0, "epoch from which those blocks train (the decoder trains alone before)")
     encoder_lr_scale: float = option(0.1, "encoder learning rate = lr x this")
@@ -304,6 +305,8 @@ class TrainConfig:
         )  # fmt: skip
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
+        if self.image_pool is not None:
+            _require_positive_int("image_pool", self.image_pool)
         if self.cache_blocks is not None:
             _require(
                 isinstance(self.cache_blocks, int) and self.cache_blocks >= 1,

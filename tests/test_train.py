@@ -234,3 +234,24 @@ def test_a_checkpoint_from_before_a_new_field_resumes_with_that_fields_default(t
     train.check_resumable(saved, config, tmp_path / "last.pt")  # fields added since default to their defaults
     with pytest.raises(CheckpointError, match=r"objective \('cross_entropy' there, 'scst' now\)"):
         train.check_resumable(saved, dataclasses.replace(config, objective="scst"), tmp_path / "last.pt")
+
+
+def test_a_model_fine_tuned_with_another_image_pool_starts_from_the_same_weights_and_keeps_the_new_pooling(
+    tmp_path, photos
+):
+    config = _config(tmp_path, photos, epochs=1)
+    train.train(config)
+    model = load_captioner(tmp_path / "run" / "last.pt")[0]
+    pooled = train.with_image_pool(model, 2)  # the tiny preset's 2x2 patch grid becomes one token
+    assert all(torch.equal(tensor, pooled.state_dict()[name]) for name, tensor in model.state_dict().items())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        tokens, fewer = model.encoder(pixels), pooled.encode(pixels)
+        class_and_mean = torch.cat([tokens[:, :1], tokens[:, 1:].mean(1, keepdim=True)], dim=1)
+        expected = model.bridge.proj(model.bridge.ln(class_and_mean))
+    assert model.encode(pixels).shape[1] == 5 and fewer.shape[1] == 2
+    torch.testing.assert_close(fewer, expected)
+
+    tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
+    train.train(dataclasses.replace(tuned, image_pool=2))
+    assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_pool == 2

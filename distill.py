@@ -94,13 +94,9 @@ def teacher_logits(
     Computed once and kept in `cache_dir` (empty: not kept) under a name that hashes the teacher and every photo's
     bytes in order; every item must be readable (the feature cache or CaptionData has already left out the rest).
     """
-    digest = hashlib.sha256(repr((TEACHER, TEACHER_TRANSFORM, flips)).encode())
-    for item in items:
-        data = read_image_file(item.image)
-        if data is None:
-            raise ValueError(f"{item.image}: unreadable, so it has no teacher logits")
-        digest.update(hashlib.sha256(data).digest())
-    path = Path(os.path.expanduser(cache_dir)) / f"teacher-{digest.hexdigest()[:20]}.safetensors" if cache_dir else None
+    path = None
+    if cache_dir:  # the photos are hashed only to name the cached file
+        path = Path(os.path.expanduser(cache_dir)) / f"teacher-{_photos_digest(items, flips)}.safetensors"
     if path is not None and path.is_file():
         try:
             return load_file(path)
@@ -119,6 +115,17 @@ def teacher_logits(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda temporary: save_file(logits, temporary))
     return logits
+
+
+def _photos_digest(items: Sequence[CaptionedImage], flips: bool) -> str:
+    """A name for the teacher's logits of these photos, in this order: a hash of the teacher and of their bytes."""
+    digest = hashlib.sha256(repr((TEACHER, TEACHER_TRANSFORM, flips)).encode())
+    for item in items:
+        data = read_image_file(item.image)
+        if data is None:
+            raise ValueError(f"{item.image}: unreadable, so it has no teacher logits")
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()[:20]
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

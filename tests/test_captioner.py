@@ -231,6 +231,13 @@ def test_bfloat16_int8_holds_int8_decoder_weights_and_keeps_the_float32_models_t
             step = module.scales.float()[:, None]
             assert ((dequantized - original[name].weight.float()).abs() <= 0.51 * step + 1e-3).all(), name
     _assert_float32_gives_their_tokens_the_same_logprobs(fast, captioner, [_photo(18), _photo(19)], atol=0.2)
+    # One layer with a bias, on rows of any leading shape: float32's output up to int8 and bfloat16 rounding.
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 48), torch.randn(2, 3, 64)
+    torch.nn.init.normal_(layer.bias, std=1.0)
+    quantized_output = Int8WeightLinear(layer)(x.bfloat16())
+    assert quantized_output.shape == (2, 3, 48) and quantized_output.dtype == torch.bfloat16
+    torch.testing.assert_close(quantized_output.float(), layer(x).detach(), atol=0.05, rtol=0.02)
     with pytest.raises(ValueError, match="bfloat16-int8 runs on CPUs only"):
         Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="bfloat16-int8")
 

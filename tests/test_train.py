@@ -102,7 +102,7 @@ def _weights(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "objective",
+    "changes",
     [
         {},
         {"objective": "scst"},
@@ -116,9 +116,9 @@ def _weights(path):
     ],
     ids=["cross_entropy", "scst", "distill"],
 )
-def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos, objective):
+def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, photos, changes):
     steps = 12  # 2 steps per epoch, 6 epochs; dropout on, so the random state must be restored too
-    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1, **objective)
+    straight = _config(tmp_path, photos, out_dir=str(tmp_path / "straight"), epochs=6, dropout=0.1, **changes)
     train.train(straight)
 
     interrupted = dataclasses.replace(straight, out_dir=str(tmp_path / "interrupted"), checkpoint_every=1)
@@ -143,7 +143,7 @@ def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_
         torch.load(run / "last.pt", weights_only=True)["training"]["distillation_head"]
         for run in (tmp_path / "straight", tmp_path / "interrupted")
     ]
-    assert heads[0].keys() == heads[1].keys() and bool(heads[0]) == ("distill" in objective)
+    assert heads[0].keys() == heads[1].keys() and bool(heads[0]) == ("distill" in changes)
     for name, tensor in heads[0].items():
         assert torch.equal(tensor, heads[1][name]), name
 

@@ -220,6 +220,7 @@ class TrainConfig:
     n_head: int | None = option(None, "decoder attention heads of a new model (empty: the preset's)")
     n_embd: int | None = option(None, "decoder width of a new model (empty: the preset's)")
     dropout: float | None = option(None, "dropout of a new model (empty: the preset's)")
+    image_size: int | None = option(None, "the encoder's input size in pixels (empty: preset's/--init-from's)")
     image_pool: int | None = option(None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)")
     unfreeze_blocks: int = option(4, "train the encoder's last N blocks (0: frozen encoder)")
     unfreeze_epoch: int = option(0, "epoch from which those blocks train (the decoder trains alone before)")
@@ -305,8 +306,9 @@ class TrainConfig:
         )  # fmt: skip
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
-        if self.image_pool is not None:
-            _require_positive_int("image_pool", self.image_pool)
+        for name in ("image_size", "image_pool"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
         if self.cache_blocks is not None:
             _require(
                 isinstance(self.cache_blocks, int) and self.cache_blocks >= 1,

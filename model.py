@@ -24,6 +24,7 @@ import torchvision_fix  # noqa: F401  (must run before timm and transformers imp
 
 # isort: split
 import timm
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from config import ModelConfig
@@ -50,6 +51,13 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"encoder {name!r} is not a timm VisionTransformer ({error})") from error
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(f"encoder {name!r} is a {type(self.vit).__name__}, not a timm VisionTransformer")
+        patch = self.vit.patch_embed.patch_size[0]
+        if image_size % patch:
+            nearest = sorted({max(patch, image_size // patch * patch), (image_size // patch + 1) * patch})
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of {name}'s {patch}-pixel patches "
+                f"(nearest: {' or '.join(map(str, nearest))})"
+            )
 
     @property
     def width(self) -> int:
@@ -453,3 +461,30 @@ class CaptionModel(nn.Module):
         """Logits (B, T, vocab) after each position of `input_ids` (B, T), which continue what `cache` holds: one
         forward pass checks several drafted tokens at once (speculative decoding)."""
         return self.logits(self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache))
+
+
+def with_image_layout(model: CaptionModel, image_size: int | None, image_pool: int | None) -> CaptionModel:
+    """`model` taking photos of `image_size` pixels and pooling their patch grid by `image_pool` (None: as it is).
+
+    The weights are kept; only the encoder's position embedding is resampled to the new patch grid (bicubic, as
+    timm does for pretrained weights at another size). Pooling has no weights and cross-attention takes any number
+    of image tokens, so the decoder needs no change: fine-tuning adapts it to the new tokens.
+    """
+    config = dataclasses.replace(
+        model.config,
+        image_size=image_size or model.config.image_size,
+        image_pool=image_pool or model.config.image_pool,
+    )
+    if config == model.config:
+        return model
+    resized = CaptionModel(config)
+    state = model.state_dict()
+    vit = model.encoder.vit
+    state["encoder.vit.pos_embed"] = resample_abs_pos_embed(
+        state["encoder.vit.pos_embed"],
+        new_size=list(resized.encoder.vit.patch_embed.grid_size),
+        old_size=list(vit.patch_embed.grid_size),
+        num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+    )
+    resized.load_state_dict(state)
+    return resized.train(model.training)

@@ -53,7 +53,7 @@ from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
-from model import IGNORE_INDEX, CaptionModel
+from model import IGNORE_INDEX, CaptionModel, with_image_layout
 from pretrained import from_parts
 from scst import SelfCriticalReward, scst_loss
 from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_tokenizer
@@ -63,7 +63,7 @@ logger = logging.getLogger("train")
 # Changing these between a run and its resumption would silently change what is being trained.
 RESUME_MUST_MATCH = (
     "data", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd", "dropout",
-    "image_pool", "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size",
+    "image_size", "image_pool", "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size",
     "captions_per_image", "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
     "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature",
@@ -94,8 +94,7 @@ def train(config: TrainConfig) -> dict:
         check_resumable(state.config, config, last_path)
     elif config.init_from:
         model, tokenizer, _ = load_captioner(config.init_from)
-        if config.image_pool is not None and config.image_pool != model.config.image_pool:
-            model = with_image_pool(model, config.image_pool)
+        model = with_image_layout(model, config.image_size, config.image_pool)
     else:
         if last_path.exists():
             raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
@@ -414,7 +413,9 @@ def _readable(path: Path) -> bool:
 
 def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[CaptionModel, CaptionTokenizer]:
     preset = PRESETS[config.preset]
-    overrides = {name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "dropout", "image_pool")}
+    overrides = {
+        name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "dropout", "image_size", "image_pool")
+    }
     base = dataclasses.replace(preset, **{name: value for name, value in overrides.items() if value is not None})
     if config.decoder:
         tokenizer = load_gpt2_tokenizer(config.decoder)
@@ -433,14 +434,6 @@ def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[C
     if model.config.vocab_size != tokenizer.vocab_size:
         raise DataError(f"decoder vocabulary {model.config.vocab_size} != tokenizer's {tokenizer.vocab_size}")
     return model, tokenizer
-
-
-def with_image_pool(model: CaptionModel, pool: int) -> CaptionModel:
-    """`model` with its decoder seeing the patch grid pooled by `pool` instead: the same weights, since pooling has
-    none and cross-attention takes any number of image tokens."""
-    pooled = CaptionModel(dataclasses.replace(model.config, image_pool=pool))
-    pooled.load_state_dict(model.state_dict())
-    return pooled
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:

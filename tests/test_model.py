@@ -126,6 +126,13 @@ def test_bridge_average_pools_the_patch_grid_and_keeps_the_class_token():
         CaptionModel(dataclasses.replace(PRESETS["tiny"], image_size=48, image_pool=2))
 
 
+def test_an_image_size_that_is_not_a_whole_number_of_patches_is_refused_with_the_sizes_that_are():
+    with pytest.raises(ValueError, match=r"image_size=40 is not a multiple of .* 16-pixel patches .nearest: 32 or 48"):
+        CaptionModel(dataclasses.replace(PRESETS["tiny"], image_size=40))
+    with pytest.raises(ValueError, match=r"nearest: 16\)"):
+        CaptionModel(dataclasses.replace(PRESETS["tiny"], image_size=10))
+
+
 def test_non_vit_encoder_is_refused():
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         ImageEncoder("resnet18", 32)

@@ -13,12 +13,14 @@ import time
 import pytest
 import torch
 from conftest import ROOT
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 import train
 from captioner import Captioner
 from checkpoint import CheckpointError, load_captioner
 from cli import add_arguments
 from config import DecodeConfig, TrainConfig
+from model import with_image_layout
 from tokenizer import train_caption_tokenizer
 
 # Short: the tiny preset holds 24 positions, and a tokenizer trained on four captions merges few characters.
@@ -242,7 +244,7 @@ def test_a_model_fine_tuned_with_another_image_pool_starts_from_the_same_weights
     config = _config(tmp_path, photos, epochs=1)
     train.train(config)
     model = load_captioner(tmp_path / "run" / "last.pt")[0]
-    pooled = train.with_image_pool(model, 2)  # the tiny preset's 2x2 patch grid becomes one token
+    pooled = with_image_layout(model, None, 2)  # the tiny preset's 2x2 patch grid becomes one token
     assert all(torch.equal(tensor, pooled.state_dict()[name]) for name, tensor in model.state_dict().items())
     pixels = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -255,3 +257,25 @@ def test_a_model_fine_tuned_with_another_image_pool_starts_from_the_same_weights
     tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
     train.train(dataclasses.replace(tuned, image_pool=2))
     assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_pool == 2
+
+
+def test_a_model_fine_tuned_at_another_image_size_resamples_only_its_position_embedding_as_timm_does(tmp_path, photos):
+    config = _config(tmp_path, photos, epochs=1)
+    train.train(config)
+    model = load_captioner(tmp_path / "run" / "last.pt")[0]
+    larger = with_image_layout(model, 64, None)  # the tiny preset's 2x2 patch grid becomes 4x4
+    assert larger.config == dataclasses.replace(model.config, image_size=64)
+    # timm's own loader of checkpoints at another size is the reference for the position embedding
+    reference = checkpoint_filter_fn(model.encoder.vit.state_dict(), larger.encoder.vit)["pos_embed"]
+    torch.testing.assert_close(larger.encoder.vit.pos_embed.detach(), reference)
+    assert reference.shape[1] == 1 + 16 and not torch.equal(reference[:, 1:5], model.encoder.vit.pos_embed[:, 1:])
+    torch.testing.assert_close(larger.encoder.vit.pos_embed[:, :1], model.encoder.vit.pos_embed[:, :1])
+    same = {name for name, tensor in model.state_dict().items() if torch.equal(tensor, larger.state_dict()[name])}
+    assert set(model.state_dict()) - same == {"encoder.vit.pos_embed"}
+    assert with_image_layout(model, 32, 1) is model
+    with torch.inference_mode():
+        assert larger.encode(torch.randn(1, 3, 64, 64)).shape[1] == 17
+
+    tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
+    train.train(dataclasses.replace(tuned, image_size=64))
+    assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_size == 64

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import decoding
 from captioner import Captioner
-from config import PRESETS, DecodeConfig
+from config import PRECISIONS, PRESETS, DecodeConfig
 from data import load_split
 from devices import DTYPES, accepted_precisions, inference_precision, runs_natively
 from images import load_image
@@ -221,11 +221,13 @@ def _parts(captioner: Captioner, config: DecodeConfig, photos: Sequence) -> dict
     return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
-def end_to_end_report(model_path: str | None, data: str | None, limit: int, batch_size: int) -> list[dict]:
+def end_to_end_report(
+    model_path: str | None, data: str | None, limit: int, batch_size: int, also: Sequence[str] = ()
+) -> list[dict]:
     """From JPEG files to caption text with the model's default decoding, side by side in one run: one-image
     latency (median over the photos, each captioned alone) and folder throughput (all photos, batched), for ours
-    in float32 and in each faster precision the model records and this machine runs (the one "auto" picks is
-    marked default), and a plain pipeline on the same float32 weights: the same
+    in float32 and in each faster precision the model records, or `also` names, that this machine runs (the one
+    "auto" picks is marked default), and a plain pipeline on the same float32 weights: the same
     preprocessing, timm's encoder, and transformers' `generate()` on the decoder's weights."""
     photos = ([item.image for item in load_split(data, "test")] if data else sorted(EXAMPLES.glob("*.jpg")))[:limit]
     float32 = Captioner.load(model_path, device="cpu", dtype="float32")
@@ -253,7 +255,8 @@ def end_to_end_report(model_path: str | None, data: str | None, limit: int, batc
 
     default = inference_precision("auto", float32.device, accepted_precisions(float32.metadata))
     pipelines = [("timm + transformers", "float32", None), ("ours", "float32", float32)]
-    for precision in [name for name in accepted_precisions(float32.metadata) if name != "float32"]:
+    recorded = accepted_precisions(float32.metadata)
+    for precision in [name for name in (*recorded, *(p for p in also if p not in recorded)) if name != "float32"]:
         if runs_natively(precision, float32.device):
             captioner = Captioner.load(model_path, device="cpu", dtype=precision)
             pipelines.append(("ours, default" if precision == default else "ours", precision, captioner))
@@ -320,9 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "float32 and in each faster precision the model records, against timm + transformers",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="with --end-to-end: images per folder batch")
+    parser.add_argument(
+        "--also", nargs="+", default=(), choices=[p for p in PRECISIONS if p not in ("auto", "float32")],
+        help="with --end-to-end: time these precisions too, whether or not the model file records them",
+    )  # fmt: skip
     arguments = parser.parse_args(argv)
     if arguments.end_to_end:
-        rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size)
+        rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size, arguments.also)
         base = rows[0]
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rows[0]['images']} photos, the model's "

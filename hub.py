@@ -2,6 +2,7 @@
 
     python hub.py release runs/small/best.pt captioner.pt --decoding '{"num_beams": 3}'
     python hub.py release runs/wide/epoch-11.pt runs/wide/epoch-12.pt averaged.pt    # the mean of the weights
+    python hub.py release captioner.pt faster.pt --image-size 168   # smaller photos: check its val scores first
     python hub.py push captioner.pt user/image-captioner          # needs `hf auth login` or HF_TOKEN
     python hub.py deploy-space user/captioner-demo                # the app and its model as a Gradio Space
 
@@ -34,6 +35,7 @@ from config import DecodeConfig
 from data import DataError, load_split
 from familiarity import FamiliarityModel
 from images import ImageError, load_each
+from model import with_image_layout
 from speculative import DraftTable
 
 ROOT = Path(__file__).resolve().parent
@@ -42,16 +44,28 @@ ROOT = Path(__file__).resolve().parent
 # stay behind.
 SPACE_FILES = ("*.py", "requirements.txt", "README.md", "examples/*")
 
+# What a model file records about its own captions and features: wrong once its inputs change size.
+MEASURED_ON_ITS_INPUTS = (
+    "familiarity", "precision", "precisions", "precision_scores", "precision_split", "metrics", "metrics_split",
+    "metrics_images", "distinct_captions", "metrics_command",
+)  # fmt: skip
+
 
 def release(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     destination: str | os.PathLike,
     metadata: dict | None = None,
     data: str | os.PathLike | None = None,
+    image_size: int | None = None,
 ) -> dict:
     """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
 
     `source` is one training checkpoint, or several of one model, whose weights are averaged (`average_captioners`).
+
+    With `image_size`, the model takes photos of that size (its position embedding resampled, `with_image_layout`):
+    fewer patches make the encoder faster, at a cost in caption quality to measure on the val split (README: Speed).
+    What the file recorded about its captions and features (scores, precisions, familiarity) is then dropped: it
+    was measured at the old size.
 
     With `data` (the training data set), the file also carries what is made from it: the n-gram draft table of the
     training captions (speculative greedy decoding), and the familiarity model of the training photos, calibrated
@@ -59,6 +73,9 @@ def release(
     """
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
     model, tokenizer, saved = load_captioner(sources[0]) if len(sources) == 1 else average_captioners(sources)
+    resized = with_image_layout(model, image_size, None)
+    if resized is not model:
+        model, saved = resized, {key: value for key, value in saved.items() if key not in MEASURED_ON_ITS_INPUTS}
     merged = {**saved, **(metadata or {})}
     if "decoding" in merged:
         DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour
@@ -169,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--decoding", type=json.loads, default=None, help="recommended decoding options (JSON)")
     make.add_argument("--metadata", type=json.loads, default=None, help="more metadata to record (JSON object)")
     make.add_argument("--data", default=None, help="the training data set: its captions' draft table goes in the file")
+    make.add_argument(
+        "--image-size", type=int, default=None, help="photos of this many pixels a side (default: the source's)"
+    )
     upload = commands.add_parser("push", help="upload a model file and a model card to the Hugging Face Hub")
     upload.add_argument("model")
     upload.add_argument("repo_id")
@@ -184,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = dict(arguments.metadata or {})
             if arguments.decoding is not None:
                 extra["decoding"] = arguments.decoding
-            release(arguments.sources, arguments.destination, extra, arguments.data)
+            release(arguments.sources, arguments.destination, extra, arguments.data, arguments.image_size)
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
         elif arguments.command == "push":
             print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))

@@ -56,6 +56,18 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     assert all(float(cell) > 0 for row in parts for cell in row[1:])
 
 
+def test_end_to_end_times_precisions_the_model_file_does_not_record_when_asked(
+    tmp_path, captioning_model, tiny_tokenizer, capsys
+):
+    from checkpoint import save_captioner
+
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"decoding": {"max_new_tokens": 4}})
+    argv = ["--end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "1", "--batch-size", "1"]
+    assert benchmark.main([*argv, "--also", "int8"]) == 0
+    rows = [line.strip("| ").split(" | ")[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert ["ours", "int8"] in rows and not any(row[0] == "ours, default" for row in rows)  # auto stays float32
+
+
 def test_speculative_report_matches_plain_greedy_with_the_files_table_or_one_built_from_the_data(
     tmp_path, captioning_model, tiny_tokenizer, capsys
 ):

@@ -30,6 +30,30 @@ def test_release_drops_training_state_halves_weights_and_checks_the_recommended_
     assert not (tmp_path / "other.pt").exists()
 
 
+def test_release_at_another_image_size_resamples_the_position_embedding_and_forgets_what_was_measured(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    from model import with_image_layout
+
+    measured = {"metrics": {"CIDEr": 0.6}, "metrics_split": "test", "precisions": ["bfloat16"], "precision": "bfloat16"}
+    save_torch(checkpoint_dict(tiny_model, tiny_tokenizer, {"trained_on": "fixture", **measured}), tmp_path / "a.pt")
+    assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "big.pt"), "--image-size", "64"]) == 0
+    model, _, metadata = load_captioner(tmp_path / "big.pt")
+    assert model.config.image_size == 64 and metadata == {"trained_on": "fixture"}
+    expected = with_image_layout(tiny_model, 64, None).encoder.vit.pos_embed.detach().half().float()
+    torch.testing.assert_close(model.encoder.vit.pos_embed.detach(), expected)
+    assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "same.pt"), "--image-size", "32"]) == 0
+    assert load_captioner(tmp_path / "same.pt")[2]["metrics"] == {"CIDEr": 0.6}  # the same size: nothing changed
+
+
+def test_release_at_an_image_size_the_patches_do_not_divide_says_which_would(
+    tmp_path, tiny_model, tiny_tokenizer, capsys
+):
+    save_torch(checkpoint_dict(tiny_model, tiny_tokenizer), tmp_path / "a.pt")
+    assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--image-size", "40"]) == 2
+    assert "error: image_size=40 is not a multiple" in capsys.readouterr().err and not (tmp_path / "b.pt").exists()
+
+
 def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other_models(
     tmp_path, tiny_model, tiny_tokenizer
 ):

@@ -472,8 +472,8 @@ def with_image_layout(model: CaptionModel, image_size: int | None, image_pool: i
     """
     config = dataclasses.replace(
         model.config,
-        image_size=image_size or model.config.image_size,
-        image_pool=image_pool or model.config.image_pool,
+        image_size=model.config.image_size if image_size is None else image_size,
+        image_pool=model.config.image_pool if image_pool is None else image_pool,
     )
     if config == model.config:
         return model

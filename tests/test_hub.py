@@ -52,6 +52,8 @@ def test_release_at_an_image_size_the_patches_do_not_divide_says_which_would(
     save_torch(checkpoint_dict(tiny_model, tiny_tokenizer), tmp_path / "a.pt")
     assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--image-size", "40"]) == 2
     assert "error: image_size=40 is not a multiple" in capsys.readouterr().err and not (tmp_path / "b.pt").exists()
+    assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--image-size", "0"]) == 2
+    assert "error: image_size must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other_models(

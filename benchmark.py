@@ -253,11 +253,11 @@ def end_to_end_report(
 
         return run
 
-    default = inference_precision("auto", float32.device, accepted_precisions(float32.metadata))
-    pipelines = [("timm + transformers", "float32", None), ("ours", "float32", float32)]
     recorded = accepted_precisions(float32.metadata)
-    for precision in [name for name in (*recorded, *(p for p in also if p not in recorded)) if name != "float32"]:
-        if runs_natively(precision, float32.device):
+    default = inference_precision("auto", float32.device, recorded)
+    pipelines = [("timm + transformers", "float32", None), ("ours", "float32", float32)]
+    for precision in dict.fromkeys([*recorded, *also]):  # in order, each once
+        if precision != "float32" and runs_natively(precision, float32.device):
             captioner = Captioner.load(model_path, device="cpu", dtype=precision)
             pipelines.append(("ours, default" if precision == default else "ours", precision, captioner))
     rows, reference = [], None

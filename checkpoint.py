@@ -148,14 +148,27 @@ def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokeni
     return _build(name, _load_model_file(name))
 
 
+# What a model file records about what its own weights do: scores, the precisions that caption like float32, the
+# familiarity of photos' features. True of those weights only, so a model averaged or resized from them drops it.
+MEASURED_ON_THE_WEIGHTS = (
+    "metrics", "metrics_split", "metrics_images", "distinct_captions", "metrics_command", "precision", "precisions",
+    "precision_scores", "precision_split", "familiarity",
+)  # fmt: skip
+
+
+def without_measurements(metadata: dict) -> dict:
+    """`metadata` less what was measured on the weights it came with (`MEASURED_ON_THE_WEIGHTS`)."""
+    return {key: value for key, value in metadata.items() if key not in MEASURED_ON_THE_WEIGHTS}
+
+
 def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel, CaptionTokenizer, dict]:
     """One model whose weights are the mean of several checkpoints of one model: a run's last epochs, or a
     fine-tuning run's end and its starting point (the shipped model: cross-entropy, then self-critical training).
 
     Averaging the end of a run smooths out the noise of the last optimizer steps; averaging a fine-tune with its
     start keeps some of what each was better at. It only makes sense for checkpoints of one model, so configs and
-    tokenizers must be identical. The metadata is the last file's, with
-    its per-checkpoint validation metrics replaced by the list of averaged files.
+    tokenizers must be identical. The metadata is the last file's, with what was measured on its weights
+    (`without_measurements`: scores, precisions, familiarity) replaced by the list of averaged files.
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
@@ -171,7 +184,7 @@ def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel
                 total[key] += value.double()
         averaged.append({"file": os.path.basename(os.fspath(path)), "step": metadata.get("step")})
     model.load_state_dict({key: value / len(paths) for key, value in total.items()}, strict=False)
-    metadata = {key: value for key, value in metadata.items() if key != "metrics"} | {"averaged": averaged}
+    metadata = without_measurements(metadata) | {"averaged": averaged}
     return model, tokenizer, metadata
 
 

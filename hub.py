@@ -30,6 +30,7 @@ from checkpoint import (
     load_captioner,
     save_captioner,
     update_metadata,
+    without_measurements,
 )
 from config import DecodeConfig
 from data import DataError, load_split
@@ -43,12 +44,6 @@ ROOT = Path(__file__).resolve().parent
 # the Space, and the example photos; the model is added as captioner.pt. Tests, training runs and the .git folder
 # stay behind.
 SPACE_FILES = ("*.py", "requirements.txt", "README.md", "examples/*")
-
-# What a model file records about its own captions and features: wrong once its inputs change size.
-MEASURED_ON_ITS_INPUTS = (
-    "familiarity", "precision", "precisions", "precision_scores", "precision_split", "metrics", "metrics_split",
-    "metrics_images", "distinct_captions", "metrics_command",
-)  # fmt: skip
 
 
 def release(
@@ -75,7 +70,7 @@ def release(
     model, tokenizer, saved = load_captioner(sources[0]) if len(sources) == 1 else average_captioners(sources)
     resized = with_image_layout(model, image_size, None)
     if resized is not model:
-        model, saved = resized, {key: value for key, value in saved.items() if key not in MEASURED_ON_ITS_INPUTS}
+        model, saved = resized, without_measurements(saved)
     merged = {**saved, **(metadata or {})}
     if "decoding" in merged:
         DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour

@@ -70,7 +70,10 @@ def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other
         states.append(model.state_dict())
         checkpoints.append(tmp_path / f"epoch-{index}.pt")
         save_torch(
-            checkpoint_dict(model, tiny_tokenizer, {"step": index, "metrics": {"CIDEr": index}}), checkpoints[-1]
+            checkpoint_dict(
+                model, tiny_tokenizer, {"step": index, "metrics": {"CIDEr": index}, "precisions": ["int8", "float32"]}
+            ),
+            checkpoints[-1],
         )
     assert hub.main(["release", *map(str, checkpoints), str(tmp_path / "averaged.pt")]) == 0
     averaged, _, metadata = load_captioner(tmp_path / "averaged.pt")
@@ -80,6 +83,7 @@ def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other
             torch.testing.assert_close(value.double(), expected.half().double())  # released weights are float16
     assert metadata["averaged"] == [{"file": f"epoch-{index}.pt", "step": index} for index in range(3)]
     assert "metrics" not in metadata  # one checkpoint's validation says nothing about the average
+    assert "precisions" not in metadata  # nor does its precision check
 
     other = CaptionModel(dataclasses.replace(tiny_model.config, n_layer=tiny_model.config.n_layer + 1))
     save_torch(checkpoint_dict(other, tiny_tokenizer), tmp_path / "other.pt")

@@ -9,15 +9,21 @@ specific message, and shapes results for display. Endpoints for `gradio_client`:
 """
 
 import argparse
+import atexit
 import base64
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import inspect
 import io
 import os
+import shutil
+import stat
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +37,7 @@ from captioner import Caption, Captioner
 from checkpoint import CheckpointError
 from cli import add_model_arguments, load_captioner
 from config import DECODE_LIMITS, STRATEGIES, DecodeConfig
-from images import IMAGE_SUFFIXES, ImageError, load_image
+from images import IMAGE_SUFFIXES, ImageError, ImageSource, load_image
 from serving import BatchingCaptioner
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -49,9 +55,43 @@ MAX_ZIP_BYTES = 300 * 1024 * 1024  # uncompressed total of one .zip
 QUEUE_SIZE = 64  # requests waiting beyond this are told the server is busy
 BATCH_CONCURRENCY = 1  # folders of photos: one at a time, each already batched inside
 CAPTION_CONCURRENCY = 8  # single photos: enough parallel requests for the batcher to group them
+# What one upload may cost. The model sees 224 px and the attention overlay is shown at most PHOTO_SIDE wide, so a
+# photo is decoded no larger than that (JPEGs at a fraction of their size); a format that cannot be decoded smaller
+# (PNG) is held whole for a moment, so the pixels are capped well below Pillow's 89.5 MP, and at most
+# DECODE_SLOTS images are decoded at once across all requests.
+APP_MAX_PIXELS = 50_000_000
+PHOTO_SIDE = 1024
+DECODE_SLOTS = threading.BoundedSemaphore(2)
+TEMP_FILE_SECONDS = 15 * 60  # uploads, overlays and CSVs are deleted this long after they were made
+NOT_UPLOADED = "The app reads only files uploaded to it: please upload the photo itself."
 
 
 # ---- reading what the browser or gradio_client sends ----
+
+
+def uploaded_file(path: str) -> str:
+    """`path`, resolved, if Gradio itself placed a regular file there (its upload cache) or it is one of the app's
+    examples; else the one refusal, which says nothing about what exists on the server.
+
+    Gradio's file components pass on whatever path a raw API call names, so every handler checks each path here.
+    """
+    resolved = os.path.realpath(path)
+    roots = (os.path.realpath(gr.utils.get_upload_folder()), str(EXAMPLES))
+    if not any(os.path.commonpath([resolved, root]) == root for root in roots):
+        raise gr.Error(NOT_UPLOADED)
+    try:
+        regular = stat.S_ISREG(os.stat(resolved).st_mode)  # a FIFO or device would block or never end
+    except (OSError, ValueError):
+        regular = False
+    if not regular:
+        raise gr.Error(NOT_UPLOADED)
+    return resolved
+
+
+def load_upload(source: ImageSource) -> Image.Image:
+    """An uploaded image decoded at no more than the app needs, with the app's pixel cap, in one of DECODE_SLOTS."""
+    with DECODE_SLOTS:
+        return load_image(source, max_pixels=APP_MAX_PIXELS, max_side=PHOTO_SIDE)
 
 
 def _image_from_payload(payload) -> Image.Image:
@@ -62,12 +102,16 @@ def _image_from_payload(payload) -> Image.Image:
         path, url = payload.get("path"), payload.get("url") or ""
     else:  # a plain path string, e.g. from gr.Examples
         path, url = str(payload), ""
+    if not isinstance(url, str) or not isinstance(path, str | None):
+        raise gr.Error(NOT_UPLOADED)
+    if not url.startswith("data:"):
+        path = uploaded_file(path) if path else None
     try:
         if url.startswith("data:"):
-            return load_image(base64.b64decode(url.split(",", 1)[1]))
+            return load_upload(base64.b64decode(url.split(",", 1)[1]))
         if not path:
             raise ImageError("no file was received")
-        return load_image(path)
+        return load_upload(path)
     except ImageError as error:
         raise gr.Error(_user_message(error, payload)) from error
     except (ValueError, IndexError) as error:
@@ -75,11 +119,9 @@ def _image_from_payload(payload) -> Image.Image:
 
 
 def _user_message(error: ImageError, payload) -> str:
-    """The error with the server's temporary path replaced by the name the user knows."""
-    text = str(error)
-    if isinstance(payload, dict) and payload.get("path"):
-        text = text.replace(str(payload["path"]), payload.get("orig_name") or "the file")
-    return text
+    """The error under the name the user knows, never the server's path for the file."""
+    name = payload.get("orig_name") if isinstance(payload, dict) else None
+    return f"{name or 'The photo'}: {_reason(error)}"
 
 
 # ---- the decoding options: defined once, for the controls, the handlers and the API ----
@@ -205,27 +247,54 @@ def attention_overlay(photo: Image.Image, heatmap: np.ndarray) -> Image.Image:
     return Image.composite(red, dimmed, mask.point(lambda value: int(value * 0.75))).convert("RGB")
 
 
-OVERLAY_DIR = Path(tempfile.gettempdir()) / "image-captioner-overlays"
+class TempFiles:
+    """The app's own files (overlays, CSV downloads) in one folder, each written whole before it appears under its
+    name, and deleted `seconds` after it was last written."""
 
+    def __init__(self, folder: Path, seconds: int):
+        self.folder, self.seconds = folder, seconds
+        self._last_sweep = 0.0
 
-def _image_file(image: Image.Image) -> str:
-    """`image` as a PNG file named by its content, written whole before it appears under that name.
-
-    Returned as a PIL image, gradio would write it to a cache path named by its content with a plain write, so two
-    requests with the same overlay (two people captioning the same example at once) could read each other's
-    half-written file; a returned path is copied into gradio's cache atomically instead.
-    """
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = buffer.getvalue()
-    OVERLAY_DIR.mkdir(exist_ok=True)
-    path = OVERLAY_DIR / f"{hashlib.sha256(data).hexdigest()}.png"
-    if not path.exists():
-        handle, staging = tempfile.mkstemp(dir=OVERLAY_DIR, suffix=".partial")
+    def write(self, name: str, data: bytes) -> str:
+        """folder/name holding `data`, written to a staging file and renamed into place. Written even when it
+        exists: two identical requests then each hand on a whole file, and its fresh time keeps the sweep off it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if time.monotonic() - self._last_sweep > min(60, self.seconds):
+            self._last_sweep = time.monotonic()
+            delete_older_than(self.folder, self.seconds)
+        handle, staging = tempfile.mkstemp(dir=self.folder, suffix=".partial")
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-        os.replace(staging, path)
-    return str(path)
+        os.replace(staging, self.folder / name)
+        return str(self.folder / name)
+
+    def image(self, image: Image.Image) -> str:
+        """`image` as a PNG named by its content.
+
+        Returned as a PIL image, gradio would write it to a cache path named by its content with a plain write, so
+        two requests with the same overlay (two people captioning the same example at once) could read each other's
+        half-written file; a returned path is copied into gradio's cache atomically instead.
+        """
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return self.write(f"{hashlib.sha256(buffer.getvalue()).hexdigest()}.png", buffer.getvalue())
+
+    def csv(self, rows: list[list]) -> str:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["file", "caption", "confidence", "error"])
+        writer.writerows(rows)
+        data = text.getvalue().encode("utf-8")
+        return self.write(f"captions-{hashlib.sha256(data).hexdigest()[:16]}.csv", data)
+
+
+def delete_older_than(folder: Path, seconds: float) -> None:
+    """Delete the files in `folder` last written more than `seconds` ago (another process may delete them too)."""
+    cutoff = time.time() - seconds
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _details(caption: Caption, config: DecodeConfig) -> dict:
@@ -266,24 +335,29 @@ def about_markdown(captioner: Captioner) -> str:
 # ---- the app ----
 
 
-def build_app(captioner: Captioner, *, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
-    """The web app over `captioner`: a caption tab, a batch tab and the model card."""
-    with gr.Blocks(title="Image Captioner") as app:
+def build_app(
+    captioner: Captioner, *, queue_size: int = QUEUE_SIZE, temp_file_seconds: int = TEMP_FILE_SECONDS
+) -> gr.Blocks:
+    """The web app over `captioner`: a caption tab, a batch tab and the model card. Gradio's copies of uploads and
+    results are deleted `temp_file_seconds` after they were made, checked as often."""
+    temp_files = TempFiles(Path(tempfile.mkdtemp(prefix="image-captioner-")), temp_file_seconds)
+    atexit.register(shutil.rmtree, temp_files.folder, ignore_errors=True)
+    with gr.Blocks(title="Image Captioner", delete_cache=(temp_file_seconds, temp_file_seconds)) as app:
         gr.Markdown(
             "# Image Captioner\nA small ViT + GPT-2 captioner that runs on a laptop CPU. "
             "Add a photo and press **Caption**."
         )
         with gr.Tab("Caption"):
-            controls = _caption_tab(captioner)
+            controls = _caption_tab(captioner, temp_files)
         with gr.Tab("Batch"):
-            _batch_tab(captioner, controls)
+            _batch_tab(captioner, controls, temp_files)
         with gr.Tab("About this model"):
             gr.Markdown(about_markdown(captioner))
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
 
 
-def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
+def _caption_tab(captioner: Captioner, temp_files: TempFiles) -> dict[str, gr.components.Component]:
     """One photo: its caption, alternatives, confidence and per-word attention. Returns the option controls, which
     the batch tab shares."""
     default = captioner.default_config()
@@ -298,7 +372,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
             raise gr.Error(str(error)) from error
         rows = [[c.text, round(c.confidence, 3), round(c.score, 3)] for c in (caption, *caption.alternatives)]
         words = list(caption.words)
-        overlay = _image_file(attention_overlay(photo, caption.attention[0])) if words else None
+        overlay = temp_files.image(attention_overlay(photo, caption.attention[0])) if words else None
         state = {"photo": photo, "maps": caption.attention}
         # A word can occur twice ("a ... a"): choices are (word, position) pairs.
         word_choice = gr.Radio(
@@ -312,7 +386,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
     def show_word(position, state):
         if not state or not isinstance(position, int) or not 0 <= position < len(state["maps"]):
             return None
-        return _image_file(attention_overlay(state["photo"], state["maps"][position]))
+        return temp_files.image(attention_overlay(state["photo"], state["maps"][position]))
 
     token_limit = captioner.model.config.n_positions - 1
     with gr.Row():
@@ -346,7 +420,7 @@ def _caption_tab(captioner: Captioner) -> dict[str, gr.components.Component]:
     return controls
 
 
-def _batch_tab(captioner: Captioner, controls: dict[str, gr.components.Component]) -> None:
+def _batch_tab(captioner: Captioner, controls: dict[str, gr.components.Component], temp_files: TempFiles) -> None:
     """Many photos, or a .zip of them: a table of captions and a CSV to download."""
     default = captioner.default_config()
 
@@ -355,14 +429,15 @@ def _batch_tab(captioner: Captioner, controls: dict[str, gr.components.Component
         named_sources = _batch_sources(files)
         rows = []
         progress(0, desc="Captioning")
-        results = captioner.caption_each([source for _, source in named_sources], config, batch_size=8)
+        sources = [source for _, source in named_sources]
+        results = captioner.caption_each(sources, config, batch_size=8, load=load_upload)
         for index, ((name, _), result) in enumerate(zip(named_sources, results, strict=True)):
             if isinstance(result, ImageError):
                 rows.append([name, "", None, _reason(result)])
             else:
                 rows.append([name, result.text, round(result.confidence, 3), ""])
             progress((index + 1) / len(named_sources), desc=f"Captioned {index + 1} of {len(named_sources)}")
-        return rows, _write_csv(rows)
+        return rows, temp_files.csv(rows)
 
     gr.Markdown(f"Caption up to {MAX_BATCH_FILES} photos at once: select several files, or one `.zip` of them.")
     files = gr.File(file_count="multiple", label="Photos or a .zip", file_types=["image", ".zip"])
@@ -392,7 +467,12 @@ def _batch_sources(files) -> list[tuple[str, object]]:
     sources: list[tuple[str, object]] = []
     for payload in payloads:
         path = payload.get("path") if isinstance(payload, dict) else str(payload)
-        name = (payload.get("orig_name") if isinstance(payload, dict) else None) or os.path.basename(path or "")
+        if not isinstance(path, str) or not path:
+            raise gr.Error(NOT_UPLOADED)
+        path = uploaded_file(path)
+        name = (payload.get("orig_name") if isinstance(payload, dict) else None) or os.path.basename(path)
+        if not isinstance(name, str):
+            raise gr.Error(NOT_UPLOADED)
         if name.lower().endswith(".zip"):
             sources += _zip_sources(path, name)
         else:
@@ -421,27 +501,24 @@ def _zip_sources(path: str, name: str) -> list[tuple[str, bytes]]:
         raise gr.Error(f"{name} is not a readable .zip file.") from error
 
 
-def _write_csv(rows: list[list]) -> str:
-    handle, path = tempfile.mkstemp(prefix="captions-", suffix=".csv")
-    with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(["file", "caption", "confidence", "error"])
-        writer.writerows(rows)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="waiting requests beyond this are refused")
+    parser.add_argument(
+        "--temp-file-seconds", type=int, default=TEMP_FILE_SECONDS,
+        help="uploads, overlays and CSV downloads are deleted this long after they were made",
+    )  # fmt: skip
     arguments = parser.parse_args(argv)
+    if arguments.temp_file_seconds < 1:
+        parser.error("--temp-file-seconds must be at least 1")
     try:
         captioner = load_captioner(arguments)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = build_app(captioner, queue_size=arguments.queue_size)
+    app = build_app(captioner, queue_size=arguments.queue_size, temp_file_seconds=arguments.temp_file_seconds)
     app.launch(share=arguments.share, show_error=True, max_file_size="50mb", css=CSS, footer_links=["api", "gradio"])
     return 0
 

@@ -10,7 +10,7 @@ Confidence is the geometric mean of the model's probabilities for the caption's 
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +146,17 @@ class Captioner:
         return self._caption(encoded, config, attention, generator)
 
     def caption_each(
-        self, sources: Sequence[ImageSource], config: DecodeConfig | None = None, *, batch_size: int = 16, **options
+        self,
+        sources: Sequence[ImageSource],
+        config: DecodeConfig | None = None,
+        *,
+        batch_size: int = 16,
+        load: Callable[[ImageSource], Image.Image] = load_image,
+        **options,
     ) -> Iterator[Caption | ImageError]:
         """For each source in order, its caption or the `ImageError` that made it unusable; batched, never raises
-        for a bad image. The way to caption a folder: one model, many images, failures reported per image."""
+        for a bad image. The way to caption a folder: one model, many images, failures reported per image. `load`
+        reads one source (the app's decodes smaller, under its own limits)."""
         config = self.check(dataclasses.replace(config or self.default_config(), **options))
         batches = [sources[start : start + batch_size] for start in range(0, len(sources), batch_size)]
         # A reader thread decodes and resizes the next batch while this one is captioned: Pillow releases the GIL
@@ -159,8 +166,8 @@ class Captioner:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader") as reader:
             upcoming = None
             for index, batch in enumerate(batches):
-                loaded, resized = upcoming.result() if upcoming is not None else self._read(batch)
-                upcoming = reader.submit(self._read, batches[index + 1]) if index + 1 < len(batches) else None
+                loaded, resized = upcoming.result() if upcoming is not None else self._read(batch, load)
+                upcoming = reader.submit(self._read, batches[index + 1], load) if index + 1 < len(batches) else None
                 captions = iter([])
                 if resized is not None:
                     captions = iter(
@@ -169,9 +176,11 @@ class Captioner:
                 for picture in loaded:
                     yield picture if isinstance(picture, ImageError) else next(captions)
 
-    def _read(self, sources: Sequence[ImageSource]) -> tuple[list[Image.Image | ImageError], np.ndarray | None]:
+    def _read(
+        self, sources: Sequence[ImageSource], load: Callable[[ImageSource], Image.Image]
+    ) -> tuple[list[Image.Image | ImageError], np.ndarray | None]:
         """Each source loaded (or its error), and the good ones resized for the model (None if none are)."""
-        loaded = load_each(sources)
+        loaded = load_each(sources, load)
         good = [picture for picture in loaded if not isinstance(picture, ImageError)]
         return loaded, self.transform.resize(good) if good else None
 

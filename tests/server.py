@@ -14,13 +14,15 @@ class AppDidNotStart(RuntimeError):
     pass
 
 
-def start_app(model_path: Path, *options: str) -> tuple[str, subprocess.Popen]:
-    """Start `python app.py --model model_path [options]` on a free loopback port; returns its URL and process."""
+def start_app(model_path: Path, *options: str, env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """Start `python app.py --model model_path [options]` on a free loopback port (with `env` added to the
+    environment); returns its URL and process."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {
         **os.environ,
+        **(env or {}),
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",

@@ -213,17 +213,17 @@ def test_a_full_queue_answers_busy_instead_of_hanging(tmp_path, captioning_model
         stop_app(process)
 
 
-def test_an_overlay_file_is_never_seen_half_written_by_simultaneous_identical_requests(tmp_path, monkeypatch):
+def test_an_overlay_file_is_never_seen_half_written_by_simultaneous_identical_requests(tmp_path):
     # Two people captioning the same example at once get the same overlay: each must be handed a whole file.
-    monkeypatch.setattr(app, "OVERLAY_DIR", tmp_path)
+    temp_files = app.TempFiles(tmp_path, 900)
     overlay = Image.effect_noise((400, 300), 64).convert("RGB")
-    whole = Image.open(app._image_file(overlay)).tobytes()
+    whole = Image.open(temp_files.image(overlay)).tobytes()
     next(tmp_path.iterdir()).unlink()  # the first call only measured the whole file
     seen = []
 
     def request():
         for _ in range(10):
-            with Image.open(app._image_file(overlay)) as image:
+            with Image.open(temp_files.image(overlay)) as image:
                 seen.append(image.tobytes() == whole)
 
     threads = [threading.Thread(target=request) for _ in range(8)]

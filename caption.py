@@ -21,17 +21,20 @@ import io
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner import Caption
-from checkpoint import CheckpointError, atomic_write
+from captioner import Caption, Captioner
+from checkpoint import CheckpointError
 from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
 from config import DecodeConfig
+from embed import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_description
+from files import UnsafeTargetError, atomic_write, write_target
 from images import IMAGE_SUFFIXES, ImageError
-from metadata import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_description
 
 FORMATS = ("text", "jsonl", "csv")
 
@@ -57,7 +60,10 @@ def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[s
         else:
             missing.append(argument)
     images, not_images = [], []
-    for path in dict.fromkeys(found):
+    unique = {}  # one path per file, however it was spelled ("a.jpg", "./a.jpg"), the first spelling kept
+    for path in found:
+        unique.setdefault(os.path.realpath(path), path)
+    for path in unique.values():
         suffix = Path(path).suffix.lower()
         (not_images if suffix and suffix not in IMAGE_SUFFIXES else images).append(path)
     return images, missing, not_images
@@ -84,7 +90,182 @@ def _lines(results: Iterator[tuple[str, str, Caption]], output_format: str) -> I
             yield f"{image}\t{text}\n"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The images to caption, and where each one's caption is written besides the output."""
+
+    images: list[str]
+    sidecars: dict[str, Path]  # image -> its .txt caption file
+    destinations: dict[str, Path]  # image -> the file its embedded caption goes into (itself, or a copy)
+
+
+def sidecar_path(image: str) -> Path:
+    return Path(image).with_suffix(".txt")
+
+
+def plan_outputs(paths: list[str], arguments: argparse.Namespace, failures: list[str]) -> Plan:
+    """Where each image's caption goes, checked before any captioning: an image whose caption could not be written
+    (a clash with another image's, a folder that cannot be written, a hard-linked file, a different file in the way)
+    is added to `failures` and left out, as is one that already has a caption (unless --overwrite)."""
+    sidecars = {path: sidecar_path(path) for path in paths} if arguments.sidecar else {}
+    output_dir = arguments.output_dir
+    destinations = {path: output_dir / Path(path).name if output_dir else Path(path) for path in paths}
+    destinations = destinations if arguments.embed else {}
+    targets = [*sidecars.items(), *destinations.items()]
+    problems = _clashes(sidecars) | _clashes(destinations) | _unwritable_targets(targets)
+    images, captioned = [], 0
+    for path in paths:
+        if path in problems:
+            failures.append(problems[path])
+            continue
+        try:
+            if not arguments.overwrite and _has_caption(path, arguments, destinations.get(path)):
+                captioned += 1
+                continue
+        except MetadataError as error:
+            failures.append(display(str(error)))
+            continue
+        destination = destinations.get(path)
+        if destination and destination.exists() and not destination.samefile(path) and not arguments.overwrite:
+            failures.append(f"{display(path)}: {display(destination)} is a different file; --overwrite replaces it")
+            continue
+        images.append(path)
+    if captioned:
+        sidecar_kind, embedded_kind = _caption_places(arguments)
+        where = " or ".join(place for place, chosen in ((".txt", sidecar_kind), ("embedded", embedded_kind)) if chosen)
+        advice = "" if arguments.skip_existing else " (--overwrite to redo)"
+        print(f"skipping {captioned} image(s) that already have a {where} caption{advice}", file=sys.stderr)
+    chosen = set(images)
+    return Plan(
+        images,
+        {path: target for path, target in sidecars.items() if path in chosen},
+        {path: target for path, target in destinations.items() if path in chosen},
+    )
+
+
+def _caption_places(arguments: argparse.Namespace) -> tuple[bool, bool]:
+    """Whether existing sidecars and embedded captions count: where this run writes, or everywhere with
+    --skip-existing."""
+    return arguments.sidecar or arguments.skip_existing, arguments.embed or arguments.skip_existing
+
+
+def _has_caption(path: str, arguments: argparse.Namespace, destination: Path | None) -> bool:
+    """Whether `path` already has a caption where this run would write one (or anywhere, with --skip-existing), in
+    any field that embed.py reads. An empty sidecar is no caption."""
+    sidecars, embedded = _caption_places(arguments)
+    sidecar = sidecar_path(path)
+    if sidecars and sidecar.is_file() and sidecar.read_text(errors="replace").strip():
+        return True
+    if not embedded or Path(path).suffix.lower() not in EMBEDDABLE_SUFFIXES:
+        return False
+    return bool(read_description(path)) or bool(destination and destination.exists() and read_description(destination))
+
+
+def _clashes(targets: dict[str, Path]) -> dict[str, str]:
+    """For each image whose target file another image would also write, why it is left out (naming both)."""
+    by_target: dict[str, list[str]] = {}
+    for image, target in targets.items():
+        by_target.setdefault(os.path.realpath(target), []).append(image)
+    problems = {}
+    for target, images in by_target.items():
+        for image in images if len(images) > 1 else ():
+            others = ", ".join(display(other) for other in images if other != image)
+            problems[image] = f"{display(image)}: {others} would write the same {display(target)}; rename one of them"
+    return problems
+
+
+def _unwritable_targets(targets: list[tuple[str, Path]]) -> dict[str, str]:
+    """For each image whose target cannot be written (its folder, or a hard-linked file), why."""
+    problems: dict[str, str] = {}
+    folders: dict[Path, str | None] = {}
+    for image, target in targets:
+        try:
+            real = Path(write_target(target))  # follows a symbolic link; refuses a hard-linked file
+        except UnsafeTargetError as error:
+            problems.setdefault(image, f"{display(str(error))}; caption a copy instead")
+            continue
+        if real.parent not in folders:
+            folders[real.parent] = unwritable(real.parent)
+        if folders[real.parent]:
+            problems.setdefault(image, f"{display(image)}: {folders[real.parent]}")
+    return problems
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (or, where it does not exist yet, in the nearest folder above it that
+    does), or None. Tried by creating a file: the one test that holds for permissions, read-only file systems and
+    immutable folders alike, for every user."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{display(existing)} is a file, not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".caption-probe-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        return f"cannot write in the folder {display(existing)} ({error.strerror or error})"
+    return None
+
+
+def display(text: str | os.PathLike) -> str:
+    """A path or message as printable text: bytes of a file name that are not UTF-8 are written as \\xNN escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if problem := _argument_problem(arguments):
+        parser.error(problem)
+    options = given_arguments(DecodeConfig, arguments)
+    try:
+        DecodeConfig(**options)  # bad flags fail before the model loads
+    except ValueError as error:
+        parser.error(str(error))
+    paths, missing, not_images = expand_paths(arguments.paths)
+    failures = [f"{display(argument)}: no such file, folder or matching glob" for argument in missing]
+    if not_images:
+        print(
+            f"skipping {len(not_images)} file(s) that are not images: {', '.join(map(display, not_images))}",
+            file=sys.stderr,
+        )
+    if not paths and not missing:
+        print("error: no image files among the given paths", file=sys.stderr)
+        return 1
+    if fatal := _output_problems(arguments):  # every one at once, before any captioning
+        for problem in fatal:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    plan = plan_outputs(paths, arguments, failures)
+    try:
+        captioner = load_captioner(arguments)
+        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    unfamiliar: list[str] = []
+    results = _captioned(captioner, config, plan, arguments, failures, unfamiliar)
+    try:
+        if arguments.output:
+            lines = list(_lines(results, arguments.output_format))  # every image's row, whatever failed on the way
+            atomic_write(arguments.output, lambda temporary: Path(temporary).write_text("".join(lines)))
+        else:
+            for line in _lines(results, arguments.output_format):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot write {display(arguments.output)} ({error.strerror or error})", file=sys.stderr)
+        return 2
+    _report(unfamiliar, failures)
+    return 1 if failures else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -109,85 +290,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
-    arguments = parser.parse_args(argv)
+    return parser
 
-    if arguments.output and arguments.output.exists() and not arguments.overwrite:
-        parser.error(f"{arguments.output} exists; pass --overwrite to replace it")
+
+def _argument_problem(arguments: argparse.Namespace) -> str | None:
+    """What is wrong with the flags themselves, if anything."""
+    if arguments.output and arguments.output.exists() and not arguments.overwrite and not arguments.output.is_dir():
+        return f"{display(arguments.output)} exists; pass --overwrite to replace it"
     if arguments.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    options = given_arguments(DecodeConfig, arguments)
-    try:
-        DecodeConfig(**options)  # bad flags fail before the model loads
-    except ValueError as error:
-        parser.error(str(error))
-    paths, missing, not_images = expand_paths(arguments.paths)
-    failures = [f"{argument}: no such file, folder or matching glob" for argument in missing]
-    if not_images:
-        print(f"skipping {len(not_images)} file(s) that are not images: {', '.join(not_images)}", file=sys.stderr)
-    if not paths and not missing:
-        print("error: no image files among the given paths", file=sys.stderr)
-        return 1
+        return "--batch-size must be at least 1"
     if arguments.output_dir and not arguments.embed:
-        parser.error("--output-dir is for --embed (captioned copies of the images)")
+        return "--output-dir is for --embed (captioned copies of the images)"
     if arguments.overwrite and arguments.skip_existing:
-        parser.error("--overwrite and --skip-existing contradict each other: choose one")
-    destinations = {path: _embed_destination(path, arguments.output_dir) for path in paths} if arguments.embed else {}
-    if len(set(destinations.values())) < len(destinations):
-        parser.error(
-            f"two images share a file name, and --output-dir {arguments.output_dir} is flat: caption them apart"
-        )
-    if not arguments.overwrite:
-        paths = _without_captioned(paths, arguments, destinations, failures)
+        return "--overwrite and --skip-existing contradict each other: choose one"
+    for flag in ("prepend", "append"):
+        if not getattr(arguments, flag).isprintable():
+            return f"--{flag} must be one line of printable text (a caption is one line)"
+    return None
 
-    def decorated(text: str) -> str:
-        return " ".join(part for part in (arguments.prepend.strip(), text, arguments.append.strip()) if part)
 
-    try:
-        captioner = load_captioner(arguments)
-        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
-    except (CheckpointError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _output_problems(arguments: argparse.Namespace) -> list[str]:
+    """What would stop the whole run's output from being written: checked before any captioning starts."""
+    problems = []
+    if arguments.output:
+        if arguments.output.is_dir():
+            problems.append(f"--output {display(arguments.output)} is a folder; name a file")
+        elif reason := unwritable(arguments.output.parent):
+            problems.append(f"--output {display(arguments.output)}: {reason}")
+    if arguments.output_dir:
+        if arguments.output_dir.exists() and not arguments.output_dir.is_dir():
+            problems.append(f"--output-dir {display(arguments.output_dir)} is a file; name a folder")
+        elif reason := unwritable(arguments.output_dir):
+            problems.append(f"--output-dir {display(arguments.output_dir)}: {reason}")
+    return problems
 
-    unfamiliar: list[str] = []
 
-    def results() -> Iterator[tuple[str, str, Caption]]:
-        progress = tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not paths)
-        for path, result in zip(
-            paths, captioner.caption_each(paths, config, batch_size=arguments.batch_size), strict=True
-        ):
-            progress.update(1)
-            if isinstance(result, ImageError):
-                failures.append(str(result))
-                continue
-            text = decorated(result.text)
-            if arguments.sidecar:
-                sidecar = Path(path).with_suffix(".txt")
-                atomic_write(sidecar, lambda temporary, text=text: Path(temporary).write_text(text + "\n"))
-            if arguments.embed:
-                try:
-                    embed_description(path, text, destinations[path])
-                except MetadataError as error:
-                    failures.append(str(error))
-                    continue
-            if result.unfamiliar:
-                unfamiliar.append(path)
-            yield path, text, result
-        progress.close()
+def _captioned(
+    captioner: Captioner,
+    config: DecodeConfig,
+    plan: Plan,
+    arguments: argparse.Namespace,
+    failures: list[str],
+    unfamiliar: list[str],
+) -> Iterator[tuple[str, str, Caption]]:
+    """(image, text, caption) for each image that was captioned and written everywhere asked; what failed is added
+    to `failures` and never stops the run."""
+    paths = plan.images
+    progress = tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not paths)
+    for path, result in zip(paths, captioner.caption_each(paths, config, batch_size=arguments.batch_size), strict=True):
+        progress.update(1)
+        if isinstance(result, ImageError):
+            failures.append(display(str(result)))
+            continue
+        text = " ".join(part for part in (arguments.prepend.strip(), result.text, arguments.append.strip()) if part)
+        try:
+            if path in plan.sidecars:
+                atomic_write(plan.sidecars[path], lambda temporary, text=text: Path(temporary).write_text(text + "\n"))
+            if path in plan.destinations:
+                embed_description(path, text, plan.destinations[path])
+        except MetadataError as error:
+            failures.append(display(str(error)))
+            continue
+        except OSError as error:
+            failures.append(f"{display(path)}: cannot write its caption ({error.strerror or error})")
+            continue
+        if result.unfamiliar:
+            unfamiliar.append(display(path))
+        yield display(path), text, result
+    progress.close()
 
-    try:
-        if arguments.output:
-            atomic_write(
-                arguments.output,
-                lambda temporary: Path(temporary).write_text("".join(_lines(results(), arguments.output_format))),
-            )
-        else:
-            for line in _lines(results(), arguments.output_format):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-    except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _report(unfamiliar: list[str], failures: list[str]) -> None:
     if unfamiliar:
         print(
             f"note: {len(unfamiliar)} photo(s) look unlike the photos the model learned from; their captions are "
@@ -198,42 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped {failure}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} input(s) could not be captioned", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def _embed_destination(path: str, output_dir: Path | None) -> Path:
-    return output_dir / Path(path).name if output_dir else Path(path)
-
-
-def _without_captioned(
-    paths: list[str], arguments: argparse.Namespace, destinations: dict[str, Path], failures: list[str]
-) -> list[str]:
-    """`paths` less the images that already have a caption where this run would write it (or, with
-    --skip-existing, anywhere); says on stderr how many were left out. Unreadable metadata is a failure."""
-    sidecars = arguments.sidecar or arguments.skip_existing
-    embedded = arguments.embed or arguments.skip_existing
-    remaining, captioned = [], 0
-    for path in paths:
-        has_caption = sidecars and Path(path).with_suffix(".txt").exists()
-        if not has_caption and embedded and Path(path).suffix.lower() in EMBEDDABLE_SUFFIXES:
-            destination = destinations.get(path, Path(path))
-            try:
-                has_caption = bool(read_description(path)) or (
-                    destination.exists() and bool(read_description(destination))
-                )
-            except MetadataError as error:
-                failures.append(str(error))
-                continue
-        if has_caption:
-            captioned += 1
-        else:
-            remaining.append(path)
-    if captioned:
-        where = " or ".join(place for place, chosen in ((".txt", sidecars), ("embedded", embedded)) if chosen)
-        advice = "" if arguments.skip_existing else " (--overwrite to redo)"
-        print(f"skipping {captioned} image(s) that already have a {where} caption{advice}", file=sys.stderr)
-    return remaining
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a caption never stops at a terminal that cannot show it
     sys.exit(main())

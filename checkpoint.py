@@ -14,8 +14,7 @@ becomes one `CheckpointError` line naming the file and the problem.
 import json
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import ModelConfig
+from files import atomic_write
 from model import CaptionModel
 from tokenizer import CaptionTokenizer
 
@@ -51,27 +51,6 @@ def _detail(error: BaseException) -> str:
     """The first sentence of a library's error, which says what went wrong; the rest is advice for its own users."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text.split(". ", 1)[0].rstrip(".")[:80]
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(temporary_path)`, then move the result over `path` in one step.
-
-    A crash or a failed write (disk full) leaves the previous file at `path` untouched and no temporary behind.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

@@ -31,6 +31,19 @@ def _require_finite(field: str, value: Any, low: float, high: float, requirement
 
 INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"})
 
+# Upper bounds of a model's shape, checked before any tensor is allocated: a model file (perhaps from the Hub) is
+# refused in one line rather than allocating until memory runs out. Each admits GPT-2 XL (1600 wide, 48 layers,
+# 25 heads, 50,257 tokens, 1,024 positions) with room to spare.
+MODEL_LIMITS: dict[str, int] = {
+    "image_size": 1024,
+    "n_layer": 48,
+    "n_head": 64,
+    "n_embd": 2048,
+    "vocab_size": 262_144,
+    "n_positions": 4096,
+    "image_pool": 64,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
@@ -56,9 +69,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder, "a timm model name")
-        for name in ("image_size", "n_layer", "n_head", "n_embd", "vocab_size", "image_pool"):
-            _require_positive_int(name, getattr(self, name))
-        _require_positive_int("n_positions", self.n_positions)
+        for name, limit in MODEL_LIMITS.items():
+            value = getattr(self, name)
+            _require_positive_int(name, value)
+            _require(value <= limit, name, value, f"at most {limit}")
         _require(self.n_positions >= 2, "n_positions", self.n_positions, "at least 2 (BOS and one token)")
         _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"divisible by n_head={self.n_head}")
         _require_finite("dropout", self.dropout, 0.0, 0.99, "in [0, 0.99]")

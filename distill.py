@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from checkpoint import atomic_write
 from data import CaptionedImage, read_image_file
+from files import atomic_write
 from images import ImageTransform, load_image
 from model import CaptionModel, caption_loss
 

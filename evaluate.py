@@ -206,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     encoded, references = encode_split(captioner, items, arguments.batch_size)
+    if not references:
+        print(
+            f"error: {arguments.data}: none of the {len(items)} '{arguments.split}' images could be read",
+            file=sys.stderr,
+        )
+        return 2
 
     def caption_all(config: DecodeConfig) -> dict[str, str]:
         return caption_encoded(captioner, encoded, config)

@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import atomic_write
 from data import CaptionedImage, read_image_file
+from files import atomic_write
 from images import ImageError, ImageTransform, load_image
 from model import CaptionModel
 

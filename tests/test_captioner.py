@@ -132,9 +132,9 @@ def test_caption_each_reads_later_batches_on_a_reader_thread_and_keeps_order_acr
     readers = []
     real_load_each = captioner_module.load_each
 
-    def recording_load_each(batch):
+    def recording_load_each(batch, load):
         readers.append(threading.current_thread().name)
-        return real_load_each(batch)
+        return real_load_each(batch, load)
 
     monkeypatch.setattr(captioner_module, "load_each", recording_load_each)
     results = list(captioner.caption_each(sources, GREEDY, batch_size=2))  # batches: good+bad, bad+good, good

@@ -47,6 +47,9 @@ def _png_claiming(width: int, height: int) -> bytes:
     )
 
 
+TOO_LARGE = r"too large: over the limit of \d+ megapixels"  # the app's limit is lower than the command line's
+
+
 def cases() -> list[Case]:
     photo = _photo()
     jpeg, png = _encode(photo, "JPEG", quality=90), _encode(photo, "PNG")
@@ -79,8 +82,8 @@ def cases() -> list[Case]:
         Case("script.gif", b"GIF89a<script>alert(1)</script>", "error", ""),
         Case("random.bin", np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "error", ""),
         Case("zeros.png", b"\x00" * 1000, "error", "not an image"),
-        Case("claims-huge.png", _png_claiming(100_000, 100_000), "error", r"too large: over the limit of \d+ megapixels"),
-        Case("bomb.png", _encode(bomb, "PNG"), "error", r"too large: over the limit of \d+ megapixels"),
+        Case("claims-huge.png", _png_claiming(100_000, 100_000), "error", TOO_LARGE),
+        Case("bomb.png", _encode(bomb, "PNG"), "error", TOO_LARGE),
         Case("zero-size.png", _png_claiming(0, 10), "error", ""),
         Case("wrong-extension.png", jpeg, "ok"),  # a JPEG named .png
         Case("photo.jpg", jpeg, "ok"),

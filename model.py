@@ -359,8 +359,30 @@ def caption_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) 
     )
 
 
+class CaptionMemory(nn.Module):
+    """The captions of the photos nearest to the input (retrieval.py), read by the decoder's cross-attention beside
+    the image tokens: each token's embedding (the decoder's own, so that a word read can be written back through the
+    tied LM head) plus a learned position within the memory, normalised like the image tokens.
+
+    The memory has a fixed length, `retrieval_k` captions of `retrieval_tokens` tokens each (padded), so that a
+    photo's caption does not depend on which other photos share its batch.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.length = config.retrieval_k * config.retrieval_tokens
+        self.wme = nn.Embedding(self.length, config.n_embd)
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, memory_ids: Tensor, wte: nn.Embedding) -> Tensor:
+        if memory_ids.shape[1] != self.length:
+            raise ValueError(f"memory of {memory_ids.shape[1]} tokens; this model reads {self.length}")
+        return self.ln(wte(memory_ids) + self.wme(torch.arange(self.length, device=memory_ids.device)))
+
+
 class CaptionModel(nn.Module):
-    """Image encoder, bridge and text decoder; logits are tied to the token embedding."""
+    """Image encoder, bridge and text decoder; logits are tied to the token embedding. A retrieval model
+    (`retrieval_k` > 0) also reads the captions of the nearest photos (`CaptionMemory`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -374,8 +396,10 @@ class CaptionModel(nn.Module):
         )
         self.bridge = Bridge(self.encoder, self.config)
         self.decoder = TextDecoder(self.config)
-        self.bridge.apply(self._init_weights)
-        self.decoder.apply(self._init_weights)
+        self.memory = CaptionMemory(self.config) if self.config.retrieval_k else None
+        for part in (self.bridge, self.decoder, self.memory):
+            if part is not None:
+                part.apply(self._init_weights)
         for name, parameter in self.decoder.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -387,19 +411,33 @@ class CaptionModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def encode(self, images: Tensor, start_block: int = 0) -> Tensor:
-        """Image tokens at the decoder width, (B, N, C).
+    def encode(self, images: Tensor, start_block: int = 0, memory_ids: Tensor | None = None) -> Tensor:
+        """The tokens the decoder reads, at its width, (B, N, C): the image's, then for a retrieval model the
+        captions of the nearest photos.
 
         Args:
             images: pixels (B, 3, H, W) normalised for the encoder, or, with `start_block` > 0, the encoder's tokens
                 after its first `start_block` blocks (a training feature cache).
+            memory_ids: for a retrieval model, the nearest photos' caption tokens (B, retrieval_k * retrieval_tokens)
+                from `retrieval.memory_ids`.
         """
-        return self.encode_with_class_token(images, start_block)[0]
+        return self.read_memory(self.encode_with_class_token(images, start_block)[0], memory_ids)
 
     def encode_with_class_token(self, images: Tensor, start_block: int = 0) -> tuple[Tensor, Tensor]:
-        """`encode`'s image tokens, and the encoder's class token (B, C_img): a summary of the whole photo."""
+        """The image's tokens at the decoder width, and the encoder's class token (B, C_img): a summary of the whole
+        photo, which also finds its nearest photos."""
         tokens = self.encoder(images, start_block)  # (B, N, C_img)
         return self.bridge(tokens), tokens[:, 0]
+
+    def read_memory(self, image_tokens: Tensor, memory_ids: Tensor | None) -> Tensor:
+        """`image_tokens` followed, for a retrieval model, by the memory of `memory_ids`."""
+        if self.memory is None:
+            if memory_ids is not None:
+                raise ValueError("this model reads no captions of nearest photos (retrieval_k=0)")
+            return image_tokens
+        if memory_ids is None:
+            raise ValueError("a retrieval model needs the captions of the nearest photos (memory_ids)")
+        return torch.cat([image_tokens, self.memory(memory_ids, self.decoder.wte).to(image_tokens.dtype)], dim=1)
 
     def decode(self, input_ids: Tensor, image_tokens: Tensor, record: list[Tensor] | None = None) -> Tensor:
         """Next-token logits (B, T, vocab) for `input_ids` (B, T) given image tokens (B_img, N, C), without cache.
@@ -417,13 +455,15 @@ class CaptionModel(nn.Module):
         targets: Tensor | None = None,
         *,
         start_block: int = 0,
+        memory_ids: Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and, given `targets` (B, T), the mean token cross-entropy (IGNORE_INDEX: no loss).
 
-        `images` and `start_block` as in `encode`; B may be a multiple of the number of images, as in `decode`.
+        `images`, `start_block` and `memory_ids` as in `encode`; B may be a multiple of the number of images, as in
+        `decode`.
         """
-        logits = self.decode(input_ids, self.encode(images, start_block))
+        logits = self.decode(input_ids, self.encode(images, start_block, memory_ids))
         return logits, None if targets is None else caption_loss(logits, targets, label_smoothing)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -438,7 +478,8 @@ class CaptionModel(nn.Module):
         record: list[Tensor] = []
         self.decode(input_ids, image_tokens, record=record)
         weights = torch.stack(record).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
-        patches = weights[:, :, self.bridge.prefix_tokens :]
+        grid = self.bridge.output_grid
+        patches = weights[:, :, self.bridge.prefix_tokens : self.bridge.prefix_tokens + grid[0] * grid[1]]
         patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
         return patches.unflatten(-1, self.bridge.output_grid)  # (B, T, gh, gw)
 
@@ -488,3 +529,18 @@ def with_image_layout(model: CaptionModel, image_size: int | None, image_pool: i
     )
     resized.load_state_dict(state)
     return resized.train(model.training)
+
+
+def with_retrieval(model: CaptionModel, retrieval_k: int) -> CaptionModel:
+    """`model` also reading the captions of the `retrieval_k` nearest photos: every weight kept, a new caption
+    memory (`CaptionMemory`) added, to be fine-tuned. The same k, or 0 for a model without memory: unchanged."""
+    if retrieval_k == model.config.retrieval_k:
+        return model
+    if model.config.retrieval_k:
+        raise ValueError(
+            f"the model reads {model.config.retrieval_k} nearest captions; it cannot change to {retrieval_k}"
+        )
+    extended = CaptionModel(dataclasses.replace(model.config, retrieval_k=retrieval_k))
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("memory.") for name in missing), (missing, unexpected)
+    return extended

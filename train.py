@@ -53,8 +53,9 @@ from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
-from model import IGNORE_INDEX, CaptionModel, with_image_layout
+from model import IGNORE_INDEX, CaptionModel, with_image_layout, with_retrieval
 from pretrained import from_parts
+from retrieval import Datastore, memory_ids
 from scst import SelfCriticalReward, scst_loss
 from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_tokenizer
 
@@ -66,7 +67,7 @@ RESUME_MUST_MATCH = (
     "image_size", "image_pool", "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size",
     "captions_per_image", "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
-    "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature",
+    "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature", "retrieval_k",
 )  # fmt: skip
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -100,11 +101,19 @@ def train(config: TrainConfig) -> dict:
             raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
         torch.manual_seed(config.seed)
         model, tokenizer = build_new(config, splits["train"])
+    if not config.resume:
+        with torch.random.fork_rng(devices=[]):  # the memory's init, from the seed, leaves the run's random state
+            torch.manual_seed(config.seed)
+            model = with_retrieval(model, config.retrieval_k)
     model.to(device).train()
     if config.unfreeze_blocks > model.encoder.depth:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
     train_data = CaptionData(splits["train"], model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
     val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
+    if model.config.retrieval_k:
+        datastore = train_data.datastore(model, device)
+        train_data.retrieve(model, datastore, device, exclude_self=True)
+        val_data.retrieve(model, datastore, device, exclude_self=False)
     distiller = None
     if config.distill:
         with torch.random.fork_rng(devices=[]):  # the head's init, from the seed, leaves the run's random state alone
@@ -296,6 +305,7 @@ class Batch:
     input_ids: Tensor  # (B * captions_per_image, T)
     labels: Tensor  # (B * captions_per_image, T)
     teacher: Tensor | None = None  # the ImageNet teacher's logits (B, 1000) of these images, mirrored alike
+    memory_ids: Tensor | None = None  # a retrieval model's memory: the nearest photos' captions (B, k * tokens)
 
 
 def batch_loss(
@@ -305,8 +315,9 @@ def batch_loss(
     validation both use it. `model` is the CaptionModel or its DistributedDataParallel wrapper."""
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         _, loss = model(
-            batch.images, batch.input_ids, batch.labels, start_block=batch.start_block, label_smoothing=label_smoothing
-        )
+            batch.images, batch.input_ids, batch.labels, start_block=batch.start_block, memory_ids=batch.memory_ids,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
     return loss
 
 
@@ -366,6 +377,48 @@ class CaptionData:
         self.caption_tokens = [[tokenizer.encode(caption) for caption in item.captions] for item in self.items]
         self.teacher = teacher_logits(self.items, flips=flip, cache_dir=config.cache_dir) if teacher else None
         self.flippable = [flip and not any(_MENTIONS_SIDE.search(c) for c in item.captions) for item in self.items]
+        self.neighbours: Tensor | None = None  # (N, k) datastore entries each image reads, for a retrieval model
+        self.memory_captions: tuple[tuple[str, ...], ...] = ()
+        self.memory_tokens = model.config.retrieval_tokens
+
+    def class_tokens(self, model: CaptionModel, device: torch.device) -> Tensor:
+        """Every image's class token (N, C_img) from the model's encoder as it is now, unmirrored."""
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(self), 64):
+                indices = range(start, min(start + 64, len(self)))
+                rows.append(model.encoder(self.encoder_inputs(indices, [False] * len(indices)).to(device),
+                                          self.start_block)[:, 0].float().cpu())  # fmt: skip
+        return torch.cat(rows)
+
+    def datastore(self, model: CaptionModel, device: torch.device) -> Datastore:
+        """These images and their captions as a retrieval datastore."""
+        names = [item.image.name for item in self.items]
+        return Datastore.build(self.class_tokens(model, device), [item.captions for item in self.items], names)
+
+    def retrieve(self, model: CaptionModel, datastore: Datastore, device: torch.device, *, exclude_self: bool) -> None:
+        """Find each image's `retrieval_k` nearest photos in `datastore` once (the encoder's class token changes
+        little as its last blocks train). With `exclude_self` (the training split, which is the datastore), an image
+        never retrieves itself: the model learns to use neighbours, not to copy its own captions."""
+        queries = self.class_tokens(model, device) if not exclude_self else datastore.embeddings
+        exclude = list(range(len(self))) if exclude_self else None
+        self.neighbours = datastore.nearest(queries, model.config.retrieval_k, exclude)[0]
+        self.memory_captions = datastore.captions
+        logger.info("retrieval: %d nearest photos for each of %d images", self.neighbours.shape[1], len(self))
+
+    def memory(self, indices: Sequence[int], random: torch.Generator | None) -> Tensor | None:
+        """The memory of images `indices`: one caption of each neighbour (random with `random`, else the first)."""
+        if self.neighbours is None:
+            return None
+        rows = []
+        for index in indices:
+            row = []
+            for neighbour in self.neighbours[index].tolist():
+                choices = self.memory_captions[neighbour]
+                pick = int(torch.randint(len(choices), (1,), generator=random)) if random is not None else 0
+                row.append(choices[pick])
+            rows.append(row)
+        return memory_ids(rows, self.tokenizer, self.memory_tokens)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -384,7 +437,11 @@ class CaptionData:
         input_ids, labels = caption_targets(captions, self.tokenizer, self.max_tokens)
         images = self.encoder_inputs(indices, flips).to(device)
         teacher = None if self.teacher is None else _pick(self.teacher, indices, flips).to(device)
-        return Batch(tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device), teacher)
+        memory = self.memory(indices, random)
+        return Batch(
+            tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device), teacher,
+            None if memory is None else memory.to(device),
+        )  # fmt: skip
 
     def encoder_inputs(self, indices: Sequence[int], flips: Sequence[bool]) -> Tensor:
         if self.tokens is not None:
@@ -517,12 +574,15 @@ def validate(
             total_tokens += tokens
             if start < count:
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    encoded.append(model.encode(batch.images[: count - start], batch.start_block).float())
+                    memory = None if batch.memory_ids is None else batch.memory_ids[: count - start]
+                    encoded.append(model.encode(batch.images[: count - start], batch.start_block, memory).float())
     metrics = {"val_loss": round(total_loss / max(1, total_tokens), 4)}
     captioner = Captioner(model, tokenizer, device=device)
     decode = DecodeConfig(strategy="beam", num_beams=config.eval_beams, max_new_tokens=data.max_tokens)
     texts = (
-        [caption.text for caption in captioner.caption(EncodedImages(torch.cat(encoded)), decode)] if encoded else []
+        [c.text for c in captioner.caption(EncodedImages(torch.cat(encoded), includes_memory=True), decode)]
+        if encoded
+        else []
     )
     for item, text in list(zip(data.items, texts, strict=False))[:4]:
         logger.info("  %s: %s  (reference: %s)", item.image.name, text, item.captions[0])

@@ -322,6 +322,10 @@ def _details(caption: Caption, config: DecodeConfig) -> dict:
         "num_tokens": len(caption.token_ids),
         "familiarity": None if caption.familiarity is None else round(caption.familiarity, 4),
         "unfamiliar": caption.unfamiliar,
+        "neighbours": [
+            {"path": os.path.basename(n.name), "similarity": n.similarity, "caption": n.caption}
+            for n in caption.neighbours
+        ],
         "alternatives": [
             {"caption": other.text, "confidence": round(other.confidence, 4), "score": round(other.score, 4)}
             for other in caption.alternatives

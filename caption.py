@@ -70,21 +70,25 @@ def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[s
 
 
 def _lines(results: Iterator[tuple[str, str, Caption]], output_format: str) -> Iterator[str]:
-    """Output lines; jsonl and csv also carry the confidence and familiarity (empty where the model has no bank)."""
+    """Output lines; jsonl and csv also carry the confidence, the familiarity (empty where the model has no bank) and
+    a retrieval model's neighbours: the datastore photos whose captions it read, with their similarity."""
     if output_format == "csv":
         buffer = io.StringIO()
-        csv.writer(buffer).writerow(["image", "caption", "confidence", "familiarity", "unfamiliar"])
+        csv.writer(buffer).writerow(["image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours"])
         yield buffer.getvalue()
     for image, text, caption in results:
         familiarity = None if caption.familiarity is None else round(caption.familiarity, 4)
+        neighbours = [{"path": display(n.name), "similarity": n.similarity} for n in caption.neighbours]
         if output_format == "jsonl":
             row = {"image": image, "caption": text, "confidence": round(caption.confidence, 4)}
-            yield json.dumps(row | {"familiarity": familiarity, "unfamiliar": caption.unfamiliar}) + "\n"
+            row |= {"familiarity": familiarity, "unfamiliar": caption.unfamiliar, "neighbours": neighbours}
+            yield json.dumps(row) + "\n"
         elif output_format == "csv":
             unfamiliar = "" if caption.unfamiliar is None else str(caption.unfamiliar).lower()
             buffer = io.StringIO()
             known = "" if familiarity is None else f"{familiarity:.4f}"
-            csv.writer(buffer).writerow([image, text, f"{caption.confidence:.4f}", known, unfamiliar])
+            read = "; ".join(f"{n['path']} ({n['similarity']:.3f})" for n in neighbours)
+            csv.writer(buffer).writerow([image, text, f"{caption.confidence:.4f}", known, unfamiliar, read])
             yield buffer.getvalue()
         else:
             yield f"{image}\t{text}\n"

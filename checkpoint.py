@@ -128,10 +128,11 @@ def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokeni
 
 
 # What a model file records about what its own weights do: scores, the precisions that caption like float32, the
-# familiarity of photos' features. True of those weights only, so a model averaged or resized from them drops it.
+# familiarity of photos' features, the datastore's embeddings. True of those weights only, so a model averaged or
+# resized from them drops it.
 MEASURED_ON_THE_WEIGHTS = (
     "metrics", "metrics_split", "metrics_images", "distinct_captions", "metrics_command", "precision", "precisions",
-    "precision_scores", "precision_split", "familiarity",
+    "precision_scores", "precision_split", "familiarity", "datastore",
 )  # fmt: skip
 
 

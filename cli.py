@@ -64,8 +64,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision of the weights; auto (the default): the one recorded with the model, where this machine "
         "computes it natively, else float32 (README: Speed)",
     )
+    parser.add_argument(
+        "--datastore", default=None, metavar="FOLDER",
+        help="your captioned photos (images with same-named .txt captions) that steer a retrieval model's captions "
+        "without training: read beside the model's own, and ranked first when about as close",
+    )  # fmt: skip
+    parser.add_argument("--datastore-only", action="store_true", help="read --datastore instead of the model's own")
 
 
 def load_captioner(arguments: argparse.Namespace) -> Captioner:
     """The model that the flags of `add_model_arguments` name."""
-    return Captioner.load(arguments.model, device=arguments.device, revision=arguments.revision, dtype=arguments.dtype)
+    if arguments.datastore_only and not arguments.datastore:
+        raise ValueError("--datastore-only needs --datastore FOLDER")
+    return Captioner.load(
+        arguments.model, device=arguments.device, revision=arguments.revision, dtype=arguments.dtype,
+        datastore=arguments.datastore, datastore_only=arguments.datastore_only,
+    )  # fmt: skip

@@ -37,6 +37,7 @@ from data import DataError, load_split
 from familiarity import FamiliarityModel
 from images import ImageError, load_each
 from model import with_image_layout
+from retrieval import Datastore
 from speculative import DraftTable
 
 ROOT = Path(__file__).resolve().parent
@@ -82,22 +83,30 @@ def release(
     merged["draft"] = DraftTable.from_captions(captions, tokenizer.bos_token_id, tokenizer.eos_token_id).to_dict()
     save_captioner(destination, model, tokenizer, merged, half=True)
     released = Captioner.load(destination, device="cpu", dtype="float32")  # the weights as users will load them
-    train_features = class_tokens(released, [item.image for item in train])
-    familiarity = FamiliarityModel.fit(train_features, class_tokens(released, [item.image for item in val]))
-    merged["familiarity"] = familiarity.to_dict()
-    update_metadata(destination, {"familiarity": merged["familiarity"]})
+    train_features, readable = class_tokens(released, [item.image for item in train])
+    familiarity = FamiliarityModel.fit(train_features, class_tokens(released, [item.image for item in val])[0])
+    learned = {"familiarity": familiarity.to_dict()}
+    if model.config.retrieval_k:  # the training photos are the datastore a retrieval model reads by default
+        kept = [train[index] for index in readable]
+        datastore = Datastore.build(
+            train_features, [item.captions for item in kept], [item.image.name for item in kept]
+        )
+        learned["datastore"] = datastore.to_dict()
+    merged |= learned
+    update_metadata(destination, learned)
     return merged
 
 
-def class_tokens(captioner: Captioner, images: Sequence, batch_size: int = 32) -> Tensor:
-    """The encoder's class tokens (N, C_img) of the readable images among `images`, in order."""
-    features = []
-    for start in tqdm(range(0, len(images), batch_size), desc="familiarity", unit="batch", leave=False):
+def class_tokens(captioner: Captioner, images: Sequence, batch_size: int = 32) -> tuple[Tensor, list[int]]:
+    """The encoder's class tokens (N, C_img) of the readable images among `images`, in order, and their indices."""
+    features, readable = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding", unit="batch", leave=False):
         loaded = load_each(images[start : start + batch_size])
+        readable += [start + i for i, picture in enumerate(loaded) if not isinstance(picture, ImageError)]
         pictures = [picture for picture in loaded if not isinstance(picture, ImageError)]
         if pictures:
             features.append(captioner.encode(pictures).class_tokens.float())
-    return torch.cat(features)
+    return torch.cat(features), readable
 
 
 def model_card(metadata: dict, repo_id: str) -> str:

@@ -172,3 +172,14 @@ def test_a_user_datastore_steers_a_retrieval_models_captions(tmp_path):
     assert after != before
     [caption] = captioner.caption([photo], strategy="greedy", max_new_tokens=8)
     assert caption.neighbours == steered
+
+    # Released with its training data, the model file carries the training photos as its own datastore.
+    import hub
+
+    hub.release(tmp_path / "run" / "last.pt", tmp_path / "released.pt", data=tmp_path / "data")
+    released = Captioner.load(tmp_path / "released.pt", device="cpu", dtype="float32")
+    assert len(released.datastore) == 10 and released.datastore.captions[0][0] in CAPTIONS.values()
+    [caption] = released.caption([photo], strategy="greedy", max_new_tokens=8)
+    assert caption.neighbours[0].name == "coffee.jpg" and caption.neighbours[0].caption == "a cup of coffee"
+    mine = Captioner.load(tmp_path / "released.pt", device="cpu", dtype="float32", datastore=user, datastore_only=True)
+    assert len(mine.datastore) == 1

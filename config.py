@@ -232,6 +232,9 @@ class TrainConfig:
 
     data: str = field(metadata={"help": "data set: a folder, a captions .csv or a COCO .json (see data.py)"})
     out_dir: str = option("runs/small", "where last.pt, best.pt, train.log and metrics.csv go")
+    train_splits: str = option(
+        "train", "splits trained on, comma-separated: train,val for a final model once every choice is made"
+    )
     preset: str = option("small", f"model preset for a new model: {', '.join(PRESETS)}")
     init_from: str = option("", "a captioner file to fine-tune (its config and tokenizer are kept)")
     resume: bool = option(False, "continue out_dir/last.pt exactly where it stopped")
@@ -336,6 +339,10 @@ class TrainConfig:
             not (self.retrieval_k and (self.distill or self.objective != "cross_entropy")), "retrieval_k",
             self.retrieval_k, "0 with --distill or --objective scst (retrieval trains with cross-entropy alone)",
         )  # fmt: skip
+        splits = self.train_splits.split(",") if isinstance(self.train_splits, str) else []
+        _require(
+            bool(splits) and all(splits), "train_splits", self.train_splits, "split names, e.g. train or train,val"
+        )
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
         for name in ("image_size", "image_pool"):

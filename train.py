@@ -63,7 +63,8 @@ logger = logging.getLogger("train")
 
 # Changing these between a run and its resumption would silently change what is being trained.
 RESUME_MUST_MATCH = (
-    "data", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd", "dropout",
+    "data", "train_splits", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd",
+    "dropout",
     "image_size", "image_pool", "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size",
     "captions_per_image", "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
@@ -82,10 +83,13 @@ def train(config: TrainConfig) -> dict:
 
     # ---- data ----
     splits = load_captions(config.data)
-    for split in ("train", "val"):
+    for split in ("val", *config.train_splits.split(",")):
         if not splits.get(split):
             found = ", ".join(f"{name} ({len(items)})" for name, items in sorted(splits.items())) or "none"
             raise DataError(f"{config.data}: no '{split}' split with captions (found: {found})")
+    trained_on = [item for split in config.train_splits.split(",") for item in splits[split]]
+    if "val" in config.train_splits.split(","):
+        logger.warning("training on the val split too: its validation scores no longer measure unseen photos")
 
     # ---- model: new, fine-tuned from a model file, or resumed ----
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -100,7 +104,7 @@ def train(config: TrainConfig) -> dict:
         if last_path.exists():
             raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
         torch.manual_seed(config.seed)
-        model, tokenizer = build_new(config, splits["train"])
+        model, tokenizer = build_new(config, trained_on)
     if not config.resume:
         with torch.random.fork_rng(devices=[]):  # the memory's init, from the seed, leaves the run's random state
             torch.manual_seed(config.seed)
@@ -108,7 +112,7 @@ def train(config: TrainConfig) -> dict:
     model.to(device).train()
     if config.unfreeze_blocks > model.encoder.depth:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
-    train_data = CaptionData(splits["train"], model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
+    train_data = CaptionData(trained_on, model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
     val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
     if model.config.retrieval_k:
         datastore = train_data.datastore(model, device)

@@ -238,6 +238,8 @@ class TrainConfig:
     preset: str = option("small", f"model preset for a new model: {', '.join(PRESETS)}")
     init_from: str = option("", "a captioner file to fine-tune (its config and tokenizer are kept)")
     resume: bool = option(False, "continue out_dir/last.pt exactly where it stopped")
+    overwrite: bool = option(False, "start afresh in an out_dir that holds a run, replacing its files")
+    val_fraction: float = option(0.1, "with no val split: this share of the photos (at least 10) held out, by name")
     decoder: str = option("", "a GPT-2 hub id or folder for the decoder (empty: from scratch, caption tokenizer)")
     vocab_size: int = option(0, "tokenizer size for a decoder from scratch (0: the preset's)")
     encoder_weights: str = option("", "a local encoder state dict (.safetensors/.pth), e.g. from ../shared/weights")
@@ -249,7 +251,9 @@ class TrainConfig:
     image_size: int | None = option(None, "the encoder's input size in pixels (empty: preset's/--init-from's)")
     image_pool: int | None = option(None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)")
     retrieval_k: int = option(0, "read the captions of the N nearest training photos (retrieval.py; 0: none)")
-    unfreeze_blocks: int = option(4, "train the encoder's last N blocks (0: frozen encoder)")
+    unfreeze_blocks: int | None = option(
+        None, "train the encoder's last N blocks (0: frozen; empty: 4 for a new model, 0 for a fine-tune)"
+    )
     unfreeze_epoch: int = option(0, "epoch from which those blocks train (the decoder trains alone before)")
     encoder_lr_scale: float = option(0.1, "encoder learning rate = lr x this")
     cache_dir: str = option("~/.cache/image-captioner/features", "cache of the frozen blocks' tokens (empty: none)")
@@ -257,11 +261,15 @@ class TrainConfig:
     epochs: int = option(10, "epochs of the learning-rate schedule")
     max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs)")
     batch_size: int = option(32, "images per micro-batch per process")
-    captions_per_image: int = option(5, "captions trained per image per step (fewer are cycled)")
+    captions_per_image: int | None = option(
+        None, "captions trained per image per step (fewer are cycled; empty: 5, at most as many as the data has)"
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    lr: float | None = option(None, "peak learning rate (AdamW; empty: 5e-4 for a new model, 1e-4 for a fine-tune)")
     min_lr: float = option(1e-5, "the cosine schedule's floor")
-    warmup_steps: int = option(200, "steps of linear warm-up")
+    warmup_steps: int | None = option(
+        None, "steps of linear warm-up (empty: 200, for a fine-tune at most a tenth of the run)"
+    )
     weight_decay: float = option(0.05, "AdamW weight decay of matrices (never biases or norms)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.98, "AdamW beta2")
@@ -293,7 +301,6 @@ class TrainConfig:
         for name in (
             "epochs",
             "batch_size",
-            "captions_per_image",
             "grad_accum",
             "max_caption_tokens",
             "eval_beams",
@@ -302,19 +309,17 @@ class TrainConfig:
             "workers",
         ):
             _require_positive_int(name, getattr(self, name))
-        for name in (
-            "vocab_size",
-            "unfreeze_blocks",
-            "unfreeze_epoch",
-            "max_steps",
-            "warmup_steps",
-            "eval_every",
-            "eval_images",
-        ):
+        if self.captions_per_image is not None:
+            _require_positive_int("captions_per_image", self.captions_per_image)
+        for name in ("vocab_size", "unfreeze_blocks", "unfreeze_epoch", "max_steps", "warmup_steps", "eval_every",
+                     "eval_images"):  # fmt: skip
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
-        _require_finite("lr", self.lr, 1e-8, 1.0, "in [1e-8, 1]")
-        _require_finite("min_lr", self.min_lr, 0.0, self.lr, f"in [0, lr={self.lr}]")
+            if value is not None or name not in ("unfreeze_blocks", "warmup_steps"):
+                _require(isinstance(value, int) and value >= 0, name, value, "a non-negative integer")
+        if self.lr is not None:
+            _require_finite("lr", self.lr, 1e-8, 1.0, "in [1e-8, 1]")
+            _require_finite("min_lr", self.min_lr, 0.0, self.lr, f"in [0, lr={self.lr}]")
+        _require_finite("val_fraction", self.val_fraction, 0.01, 0.5, "in [0.01, 0.5]")
         _require_finite("encoder_lr_scale", self.encoder_lr_scale, 0.0, 10.0, "in [0, 10]")
         _require_finite("weight_decay", self.weight_decay, 0.0, 1.0, "in [0, 1]")
         _require_finite("beta1", self.beta1, 0.0, 0.9999, "in [0, 1)")
@@ -345,6 +350,7 @@ class TrainConfig:
         )
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
+        _require(not (self.resume and self.overwrite), "overwrite", self.overwrite, "off when resuming")
         for name in ("image_size", "image_pool"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))

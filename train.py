@@ -18,10 +18,12 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -78,42 +80,44 @@ def train(config: TrainConfig) -> dict:
     rank, world, device = setup_distributed(config)
     out_dir = Path(config.out_dir)
     is_main = rank == 0
+    if is_main:
+        claim_out_dir(config)  # before anything is written there
     _setup_logging(out_dir, is_main)
-    logger.info("config: %s", config)
 
     # ---- data ----
-    splits = load_captions(config.data)
-    for split in ("val", *config.train_splits.split(",")):
-        if not splits.get(split):
-            found = ", ".join(f"{name} ({len(items)})" for name, items in sorted(splits.items())) or "none"
-            raise DataError(f"{config.data}: no '{split}' split with captions (found: {found})")
+    splits = training_splits(config)
     trained_on = [item for split in config.train_splits.split(",") for item in splits[split]]
-    if "val" in config.train_splits.split(","):
-        logger.warning("training on the val split too: its validation scores no longer measure unseen photos")
 
     # ---- model: new, fine-tuned from a model file, or resumed ----
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     state = None
     if config.resume:
         model, tokenizer, state = load_training_checkpoint(last_path)
+        config = resolve_defaults(config, trained_on, world, saved=state.config)
         check_resumable(state.config, config, last_path)
-    elif config.init_from:
-        model, tokenizer, _ = load_captioner(config.init_from)
-        model = with_image_layout(model, config.image_size, config.image_pool)
     else:
-        if last_path.exists():
-            raise CheckpointError(f"{last_path} exists: pass --resume to continue it, or choose another --out-dir")
+        config = resolve_defaults(config, trained_on, world)
         torch.manual_seed(config.seed)
-        model, tokenizer = build_new(config, trained_on)
-    if not config.resume:
+        if config.init_from:
+            model, tokenizer, _ = load_captioner(config.init_from)
+            model = with_image_layout(model, config.image_size, config.image_pool)
+        else:
+            model, tokenizer = build_new(config, trained_on)
         with torch.random.fork_rng(devices=[]):  # the memory's init, from the seed, leaves the run's random state
             torch.manual_seed(config.seed)
             model = with_retrieval(model, config.retrieval_k)
+    logger.info("config: %s", config)
     model.to(device).train()
     if config.unfreeze_blocks > model.encoder.depth:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
     train_data = CaptionData(trained_on, model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
     val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
+    if len(val_data) < SMALL_VAL:
+        logger.warning(
+            "only %d val photos: their scores swing from epoch to epoch, so best.pt may be chosen by chance. Hold out "
+            "more (--val-fraction, or a val/ folder), or use last.pt or an average of the last epochs (--keep-epochs, "
+            "then hub.py release EPOCH.pt ... OUT.pt)", len(val_data),
+        )  # fmt: skip
     if model.config.retrieval_k:
         datastore = train_data.datastore(model, device)
         train_data.retrieve(model, datastore, device, exclude_self=True)
@@ -186,12 +190,16 @@ def train(config: TrainConfig) -> dict:
 
     board = _tensorboard(out_dir) if is_main else None
 
+    validation_seconds = [0.0]  # the last validation's, measured at the end of each epoch
+
     def end_of_epoch(epoch: int, seconds: float) -> None:
         """Validate, keep the best model, record the epoch's metrics and save last.pt (rank 0); all ranks wait."""
         metrics = {"epoch": epoch + 1, "step": state.step, "epoch_seconds": round(seconds, 1)}
         if is_main:
             if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == total_steps):
+                started = time.perf_counter()
                 metrics |= validate(model, tokenizer, val_data, config, device, dtype)
+                validation_seconds[0] = time.perf_counter() - started  # for the run's time estimate
                 score = metrics.get("CIDEr", -metrics["val_loss"])
                 if score > state.best_cider:
                     state.best_cider = score
@@ -245,10 +253,12 @@ def train(config: TrainConfig) -> dict:
             seconds, mean_loss = sum(step_times) / len(step_times), sum(losses) / len(losses)
             current_lr = lr_at(state.step - 1, config, total_steps)
             means = {name: sum(values) / len(values) for name, values in extras.items()}
+            epochs_left = -(-stop_step // steps_per_epoch) - epoch - 1
+            left = (stop_step - state.step) * seconds + validation_seconds[0] * epochs_left
             logger.info(
-                "step %d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s%s",
-                state.step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
-                "".join(f" {name} {value:.4f}" for name, value in means.items()),
+                "step %d/%d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s, run done in about %s%s",
+                state.step, stop_step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
+                _duration(left), "".join(f" {name} {value:.4f}" for name, value in means.items()),
             )  # fmt: skip
             scalars = {"train/loss": mean_loss, "train/lr": current_lr} | {f"train/{k}": v for k, v in means.items()}
             _board(board, scalars, state.step)
@@ -267,6 +277,91 @@ def train(config: TrainConfig) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return state.history[-1] if state.history else {}
+
+
+# ---- setting up: the out_dir, the splits, the defaults of the kind of run ----
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "train.log", "epoch-*.pt", "tensorboard")
+SMALL_VAL = 100  # fewer val photos than this cannot tell epochs apart (CIDEr swings by +-0.1 and more)
+MIN_VAL_PHOTOS = 10
+
+
+def claim_out_dir(config: TrainConfig) -> None:
+    """Refuse an out_dir that holds a run unless it is resumed, or replaced with --overwrite (its files deleted
+    first, so that nothing of the old run mixes into the new one); every kind of run, fine-tunes included."""
+    out_dir = Path(config.out_dir)
+    found = sorted({path for pattern in RUN_FILES for path in out_dir.glob(pattern)})
+    if config.resume or not found:
+        return
+    if not config.overwrite:
+        names = ", ".join(path.name for path in found)
+        raise CheckpointError(
+            f"{out_dir} holds a run ({names}): pass --resume to continue it, --overwrite to replace it, or choose "
+            "another --out-dir"
+        )
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def training_splits(config: TrainConfig) -> dict[str, list[CaptionedImage]]:
+    """The data set's splits; a data set without a val split (a flat folder of captioned photos) gets one: the
+    `val_fraction` of its photos whose names hash lowest, the same every time and on every machine."""
+    splits = load_captions(config.data)
+    if not splits.get("val") and splits.get("train"):
+        photos = splits["train"]
+        count = max(MIN_VAL_PHOTOS, round(config.val_fraction * len(photos)))
+        if len(photos) < 2 * count:
+            raise DataError(
+                f"{config.data}: {len(photos)} photos, too few to hold {count} out for validation: add photos, or "
+                "give a val/ folder beside train/"
+            )
+        ranked = sorted(photos, key=lambda item: hashlib.sha256(item.image.name.encode()).hexdigest())
+        held = {id(item) for item in ranked[:count]}
+        splits = {
+            **splits,
+            "train": [i for i in photos if id(i) not in held],
+            "val": [i for i in photos if id(i) in held],
+        }
+        logger.info("no val split: %d of %d photos held out for validation (--val-fraction)", count, len(photos))
+    for split in ("val", *config.train_splits.split(",")):
+        if not splits.get(split):
+            found = ", ".join(f"{name} ({len(items)})" for name, items in sorted(splits.items())) or "none"
+            raise DataError(
+                f"{config.data}: no '{split}' split with captions (found: {found}); put photos in train/ and val/ "
+                "folders, or give one folder of captioned photos and --val-fraction holds some out"
+            )
+    if "val" in config.train_splits.split(","):
+        logger.warning("training on the val split too: its validation scores no longer measure unseen photos")
+    return splits
+
+
+def resolve_defaults(
+    config: TrainConfig, items: list[CaptionedImage], world: int, saved: dict | None = None
+) -> TrainConfig:
+    """`config` with its empty settings chosen for the kind of run, each logged: a new model trains its encoder's
+    last 4 blocks at 5e-4 with 200 warm-up steps; a fine-tune of --init-from keeps the encoder frozen, learns at
+    1e-4 and warms up for at most a tenth of the run; neither trains more captions per image than the data has. A
+    resumed run takes them from the run it continues (`saved`)."""
+    if saved is not None:
+        return dataclasses.replace(
+            config, **{name: saved.get(name) for name in RUN_KIND_DEFAULTS if getattr(config, name) is None}
+        )
+    fine_tune = bool(config.init_from)
+    steps = max(1, len(items) // (config.batch_size * world * config.grad_accum)) * config.epochs
+    chosen = {
+        "unfreeze_blocks": 0 if fine_tune else 4,
+        "lr": 1e-4 if fine_tune else 5e-4,
+        "warmup_steps": min(200, max(1, steps // 10)) if fine_tune else 200,
+        "captions_per_image": min(5, max(len(item.captions) for item in items)),
+    }
+    empty = {name: value for name, value in chosen.items() if getattr(config, name) is None}
+    if empty:
+        kind = "a fine-tune" if fine_tune else "a new model"
+        logger.info("defaults for %s: %s", kind, ", ".join(f"{name}={value}" for name, value in empty.items()))
+    return dataclasses.replace(config, **empty)
+
+
+RUN_KIND_DEFAULTS = ("unfreeze_blocks", "lr", "warmup_steps", "captions_per_image")
 
 
 # ---- the pieces of a step ----
@@ -633,6 +728,11 @@ def _board(board, scalars: dict, step: int) -> None:
 CSV_COLUMNS = ("epoch", "step", "epoch_seconds", "val_loss", "distinct", *METRICS)
 
 
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def _append_csv(path: Path, metrics: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as file:
@@ -643,7 +743,9 @@ def _append_csv(path: Path, metrics: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_arguments(parser, TrainConfig)
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -168,7 +168,7 @@ def test_bad_images_are_skipped_with_a_count_and_empty_data_is_an_error(tmp_path
     assert "1 of 5 images unreadable and left out" in caplog.text
     for path in (photos / "val").iterdir():
         path.unlink()
-    with pytest.raises(train.DataError, match="no 'val' split"):
+    with pytest.raises(train.DataError, match="too few to hold 10 out for validation: add photos, or give a val/"):
         train.train(dataclasses.replace(config, out_dir=str(tmp_path / "other")))
 
 
@@ -279,3 +279,59 @@ def test_a_model_fine_tuned_at_another_image_size_resamples_only_its_position_em
     tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
     train.train(dataclasses.replace(tuned, image_size=64))
     assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_size == 64
+
+
+# ---- fine-tuning on a user's photos ----
+
+
+def _flat_folder(folder, count):
+    """`count` captioned photos in one folder, no splits: what a user has."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    names = sorted(CAPTIONS)
+    for index in range(count):
+        name = names[index % len(names)]
+        Image.open(ROOT / "examples" / name).convert("RGB").resize((40 + index, 30)).save(folder / f"p{index:03d}.jpg")
+        (folder / f"p{index:03d}.txt").write_text(CAPTIONS[name] + "\n")
+    return folder
+
+
+def test_a_flat_folder_gets_the_same_val_split_every_time(tmp_path):
+    folder = _flat_folder(tmp_path / "mine", 40)
+    config = TrainConfig(data=str(folder), out_dir=str(tmp_path / "run"))
+    first = train.training_splits(config)
+    assert len(first["val"]) == 10 and len(first["train"]) == 30  # a tenth, but at least 10
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)  # another place, other file times: the same photos held out
+    second = train.training_splits(dataclasses.replace(config, data=str(copy)))
+    assert [item.image.name for item in second["val"]] == [item.image.name for item in first["val"]]
+    third = train.training_splits(dataclasses.replace(config, val_fraction=0.25))
+    assert len(third["val"]) == 10 and {i.image.name for i in first["val"]} <= {i.image.name for i in third["val"]}
+
+
+def test_fine_tune_defaults_apply_only_with_init_from_and_flags_override_them(tmp_path, photos):
+    items = train.load_captions(photos)["train"]
+    new = train.resolve_defaults(TrainConfig(data="d", epochs=10, batch_size=2), items, world=1)
+    assert (new.unfreeze_blocks, new.lr, new.warmup_steps, new.captions_per_image) == (4, 5e-4, 200, 1)
+    tune = train.resolve_defaults(TrainConfig(data="d", epochs=10, batch_size=2, init_from="m.pt"), items, world=1)
+    assert (tune.unfreeze_blocks, tune.lr, tune.warmup_steps, tune.captions_per_image) == (0, 1e-4, 2, 1)
+    given = TrainConfig(data="d", init_from="m.pt", lr=3e-4, unfreeze_blocks=2, warmup_steps=7, captions_per_image=3)
+    kept = train.resolve_defaults(given, items, world=1)
+    assert (kept.unfreeze_blocks, kept.lr, kept.warmup_steps, kept.captions_per_image) == (2, 3e-4, 7, 3)
+    help_text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert "(default: 0.1)" in help_text.stdout and "(default: 1e-05)" in help_text.stdout
+
+
+def test_a_fine_tune_into_a_used_out_dir_is_refused_and_the_old_run_is_untouched(tmp_path, photos):
+    config = _config(tmp_path, photos, epochs=1, keep_epochs=True)
+    train.train(config)
+    run = tmp_path / "run"
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    tune = dataclasses.replace(config, init_from=str(run / "epoch-1.pt"), unfreeze_blocks=None, lr=None, min_lr=1e-5)
+    with pytest.raises(CheckpointError, match=r"holds a run .*pass --resume to continue it, --overwrite to replace it"):
+        train.train(tune)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    shutil.copy(run / "epoch-1.pt", tmp_path / "start.pt")
+    train.train(dataclasses.replace(tune, init_from=str(tmp_path / "start.pt"), overwrite=True))
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # the old run's rows are gone, not appended to

@@ -111,7 +111,9 @@ def main() -> int:
     splits = {split: load_split(arguments.data, split) for split in ("train", "val")}
     captions = [caption for item in splits["train"] for caption in item.captions]
     preset = PRESETS["small"]
-    settings = TrainConfig(data=arguments.data, epochs=arguments.epochs)
+    settings = TrainConfig(
+        data=arguments.data, epochs=arguments.epochs, lr=5e-4, warmup_steps=200, captions_per_image=5
+    )
     tokenizer = train_caption_tokenizer(captions, preset.vocab_size)
 
     def fresh_model(encoder_weights: str | None = None) -> CaptionModel:

@@ -10,7 +10,10 @@ Files that are not images by their suffix (notes, credits, sidecar .txt files ca
 note. Images that cannot be read are reported on stderr and skipped; the exit code is then 1. Nothing a user
 already has is overwritten without --overwrite (an --output file, existing sidecar .txt files or descriptions in
 the images, which are skipped). --skip-existing leaves out every image that already has a caption in either place,
-whatever this run writes, so an interrupted run over a folder continues where it stopped.
+whatever this run writes, so an interrupted run over a folder continues where it stopped. Every place a caption
+will be written is checked before captioning starts: what cannot be written (a read-only folder, two photos whose
+sidecars would share a name, a different file in --output-dir) is reported and skipped, and the rest goes on. File
+names that are not valid UTF-8 are printed with \xNN escapes for their undecodable bytes.
 """
 
 import argparse

@@ -13,7 +13,7 @@ the images, which are skipped). --skip-existing leaves out every image that alre
 whatever this run writes, so an interrupted run over a folder continues where it stopped. Every place a caption
 will be written is checked before captioning starts: what cannot be written (a read-only folder, two photos whose
 sidecars would share a name, a different file in --output-dir) is reported and skipped, and the rest goes on. File
-names that are not valid UTF-8 are printed with \xNN escapes for their undecodable bytes.
+names that are not valid UTF-8 are printed with \\xNN escapes for their undecodable bytes.
 """
 
 import argparse

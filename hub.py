@@ -210,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra["decoding"] = arguments.decoding
             release(arguments.sources, arguments.destination, extra, arguments.data, arguments.image_size)
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
+            if arguments.data:
+                print(
+                    f"note: its unfamiliar-photo signal is fitted to the photos of {arguments.data} alone: photos "
+                    "unlike them are flagged, the model's earlier training photos too where they differ. Pass the "
+                    "data set the model knows best, or combine both in one folder."
+                )
         elif arguments.command == "push":
             print(push(arguments.model, arguments.repo_id, private=arguments.private, revision=arguments.revision))
         else:

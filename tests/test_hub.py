@@ -230,7 +230,7 @@ def test_deploy_space_refuses_a_model_that_does_not_load(tmp_path, capsys):
 
 
 def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_captions_the_same(
-    tmp_path, captioning_model, tiny_tokenizer
+    tmp_path, captioning_model, tiny_tokenizer, capsys
 ):
     import shutil
 
@@ -246,6 +246,7 @@ def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_ca
             (data / photo.name).with_suffix(".txt").write_text(f"a dog runs on the grass\na photo number {index}\n")
     save_captioner(tmp_path / "best.pt", captioning_model, tiny_tokenizer, {"trained_on": "fixture"})
     assert hub.main(["release", str(tmp_path / "best.pt"), str(tmp_path / "out.pt"), "--data", str(data.parent)]) == 0
+    assert f"unfamiliar-photo signal is fitted to the photos of {data.parent} alone" in capsys.readouterr().out
     fast = Captioner.load(tmp_path / "out.pt", device="cpu")
     assert (
         fast.draft is not None

@@ -66,7 +66,7 @@ def choose_precision(
     """Score the model in float32 and in each faster precision this machine computes natively (its half precision;
     on a CPU int8, and bfloat16 with int8 decoder weights where bfloat16 is native); record in the model file those
     within PRECISION_TOLERANCE of float32, fastest first, so that `--dtype auto` runs the fastest of them that a
-    user's machine supports."""
+    user's machine supports; float32's scores are recorded as the model's."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
     candidates = [name for name, dtype in DTYPES.items() if dtype == half] + [
@@ -97,6 +97,11 @@ def choose_precision(
                 name: {metric: round(value, 4) for metric, value in values.items()} for name, values in scores.items()
             },
             "precision_split": arguments.split,
+            # float32's scores are the model's scores (README: model card), as --save-metrics records them
+            "metrics": {name: round(value, 4) for name, value in scores["float32"].items()},
+            "metrics_split": arguments.split,
+            "metrics_images": len(captions),
+            "distinct_captions": round(distinct_ratio(list(captions.values())), 4),
         },
     )
     return 0

@@ -116,6 +116,7 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
 
     expected = [name for name in ("bfloat16-int8", "bfloat16", "int8", "float32") if name in scores and close(name)]
     assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
+    assert metadata["metrics"] == scores["float32"] and metadata["metrics_split"] == "test"  # the model's scores
     assert f"recorded precision: {expected[0]} (within tolerance, fastest first: {', '.join(expected)})" in (
         capsys.readouterr().out
     )

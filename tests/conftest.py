@@ -125,6 +125,14 @@ def gpt2_text_only(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_file(tmp_path_factory, captioning_model, tiny_tokenizer) -> Path:
+    """`captioning_model` saved as a model file, for the command lines."""
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_captioner(path, captioning_model, tiny_tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
 def app_server(tmp_path_factory, captioning_model, tiny_tokenizer):
     """The real app (python app.py) on a free loopback port, serving a tiny model; yields its URL."""
     model_path = tmp_path_factory.mktemp("model") / "captioner.pt"

@@ -18,13 +18,6 @@ from embed import embed_description, read_description
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, captioning_model, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_captioner(path, captioning_model, tiny_tokenizer)
-    return path
-
-
 def _run(model_file, *args):
     return caption.main(["--model", str(model_file), "--strategy", "greedy", "--max-new-tokens", "5", *args])
 

@@ -10,16 +10,8 @@ import pytest
 from conftest import ROOT
 
 import caption
-from checkpoint import save_captioner
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, captioning_model, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_captioner(path, captioning_model, tiny_tokenizer)
-    return path
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 and the caption memory read by the decoder."""
 
 import dataclasses
-import shutil
 
 import pytest
 import torch
@@ -71,10 +70,7 @@ def test_with_retrieval_keeps_every_weight_and_the_memory_changes_the_logits(tin
 
 def test_training_never_retrieves_the_photo_itself(tmp_path):
     for split in ("train", "val"):
-        (tmp_path / "data" / split).mkdir(parents=True)
-        for name, caption in CAPTIONS.items():
-            shutil.copy(ROOT / "examples" / name, tmp_path / "data" / split / name)
-            (tmp_path / "data" / split / name).with_suffix(".txt").write_text(caption + "\n")
+        _captioned_folder(tmp_path / "data" / split, CAPTIONS)
     config = TrainConfig(
         data=str(tmp_path / "data"), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, retrieval_k=3,
         unfreeze_blocks=0, epochs=1, batch_size=5, captions_per_image=1, warmup_steps=1, eval_every=0,

@@ -76,7 +76,10 @@ def uploaded_file(path: str) -> str:
 
     Gradio's file components pass on whatever path a raw API call names, so every handler checks each path here.
     """
-    resolved = os.path.realpath(path)
+    try:
+        resolved = os.path.realpath(path)
+    except (ValueError, OSError):  # a NUL byte, a name too long
+        raise gr.Error(NOT_UPLOADED) from None
     roots = (os.path.realpath(gr.utils.get_upload_folder()), str(EXAMPLES))
     if not any(os.path.commonpath([resolved, root]) == root for root in roots):
         raise gr.Error(NOT_UPLOADED)

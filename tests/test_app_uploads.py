@@ -98,7 +98,8 @@ def test_every_handler_checks_each_path_itself(handler, tmp_path, monkeypatch):
     (uploads / "outside-link.png").symlink_to(outside)
     read = {"caption": app._image_from_payload, "batch": lambda payload: app._batch_sources([payload])}[handler]
     assert read({"path": str(photo), "orig_name": "photo.png"})  # an upload is read
-    for path in (uploads / "pipe.png", uploads / "link.png", uploads / "outside-link.png", outside, uploads):
+    for path in (uploads / "pipe.png", uploads / "link.png", uploads / "outside-link.png", outside, uploads,
+                 f"{uploads}/photo.png\x00.jpg", "relative/photo.png"):  # fmt: skip
         with pytest.raises(gr.Error, match=app.NOT_UPLOADED):
             read({"path": str(path), "orig_name": "photo.png"})
 

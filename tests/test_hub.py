@@ -158,6 +158,21 @@ def test_push_uploads_the_model_and_a_generated_card(tmp_path, tiny_model, tiny_
     assert "| CIDEr | 0.610 |" in card and "Flickr8k" in card and "pipeline_tag: image-to-text" in card
 
 
+def test_the_model_card_is_a_hugging_face_card_with_the_shipped_test_scores():
+    from huggingface_hub import ModelCard
+
+    metadata = load_captioner(ROOT / "captioner.pt")[2]
+    card = ModelCard(hub.model_card(metadata, "user/captioner"))
+    data = card.data
+    assert data.license == "other" and data.license_name == "flickr8k-research-only" and data.license_link
+    assert data.language == "en" and data.datasets == ["flickr8k"] and data.pipeline_tag == "image-to-text"
+    recorded = {result.metric_name: result.metric_value for result in data.eval_results}
+    assert recorded["CIDEr"] == metadata["metrics"]["CIDEr"] and recorded["BLEU-4"] == metadata["metrics"]["BLEU-4"]
+    assert {result.dataset_split for result in data.eval_results} == {metadata["metrics_split"]} == {"test"}
+    space = (ROOT / "README.md").read_text().split("---")[1]  # the Space's front matter: the same licence
+    assert f"license_name: {data.license_name}" in space and f"license_link: {data.license_link}" in space
+
+
 def test_push_refuses_a_file_that_does_not_load(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a model")
     with pytest.raises(CheckpointError):

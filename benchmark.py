@@ -4,6 +4,7 @@
     python benchmark.py --quick             # fewer tokens and repeats, well under a minute on a 2-core CPU
     python benchmark.py --dtype bfloat16    # both decoders in bfloat16
     python benchmark.py --end-to-end --data ../shared/data/flickr8k --limit 100   # the shipped model, JPEG to text
+    python benchmark.py --datastore-entries 100000   # a retrieval model's nearest-photo search at that size
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -37,6 +38,7 @@ from devices import DTYPES, accepted_precisions, inference_precision, runs_nativ
 from images import load_image
 from model import CaptionModel
 from pretrained import to_gpt2
+from retrieval import Datastore
 from speculative import DraftTable, speculative_greedy
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -301,6 +303,21 @@ HEADER = (
 )
 
 
+def retrieval_report(entries: int, repeats: int, width: int = 384, k: int = 4) -> dict:
+    """Milliseconds for the `k` nearest photos in a datastore of `entries` random photos (exact search, as a
+    retrieval model runs it), for one photo and per photo of a folder batch of 16. Random embeddings time the same."""
+    generator = torch.Generator().manual_seed(0)
+    store = Datastore.build(
+        torch.randn(entries, width, generator=generator), [("a caption",)] * entries, [str(i) for i in range(entries)]
+    )
+    one, batch = torch.randn(1, width, generator=generator), torch.randn(16, width, generator=generator)
+    return {
+        "entries": entries,
+        "one_ms": _timed(lambda: store.nearest(one, k), repeats)[0] * 1000,
+        "batch_ms": _timed(lambda: store.nearest(batch, k), repeats)[0] * 1000 / 16,
+    }
+
+
 def _row(row: dict) -> str:
     return (
         f"| {row['preset']} | {row['decoding']} | {row['batch']} | {row['ours']:.2f} | {row['transformers']:.2f} | "
@@ -337,7 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--also", nargs="+", default=(), choices=[p for p in PRECISIONS if p not in ("auto", "float32")],
         help="with --end-to-end: time these precisions too, whether or not the model file records them",
     )  # fmt: skip
+    parser.add_argument(
+        "--datastore-entries", type=int, default=0, help="instead: time the nearest-photo search at this many photos"
+    )
     arguments = parser.parse_args(argv)
+    if arguments.datastore_entries:
+        report = retrieval_report(arguments.datastore_entries, arguments.repeats or 20)
+        print(
+            f"datastore of {report['entries']:,} photos, 4 nearest by exact search, {torch.get_num_threads()} threads: "
+            f"{report['one_ms']:.1f} ms for one photo, {report['batch_ms']:.2f} ms a photo in batches of 16"
+        )
+        return 0
     if arguments.end_to_end:
         rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size, arguments.also)
         base = rows[0]

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,25 +147,38 @@ def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel
 
     Averaging the end of a run smooths out the noise of the last optimizer steps; averaging a fine-tune with its
     start keeps some of what each was better at. It only makes sense for checkpoints of one model, so configs and
-    tokenizers must be identical. The metadata is the last file's, with what was measured on its weights
-    (`without_measurements`: scores, precisions, familiarity) replaced by the list of averaged files.
+    tokenizers must be identical, with one exception: a retrieval fine-tune (`with_retrieval`) may be averaged with
+    the model it started from. The result reads the caption memory, whose weights only the retrieval checkpoints
+    have, so they are averaged over those alone. The metadata is the last file's, with what was measured on its
+    weights (`without_measurements`: scores, precisions, familiarity) replaced by the list of averaged files.
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    model, tokenizer, metadata = load_captioner(paths[0])
-    total = {key: value.double() for key, value in model.state_dict().items() if value.is_floating_point()}
-    averaged = [{"file": os.path.basename(os.fspath(paths[0])), "step": metadata.get("step")}]
-    for path in paths[1:]:
-        other, other_tokenizer, metadata = load_captioner(path)
-        if other.config != model.config or other_tokenizer.to_json() != tokenizer.to_json():
-            raise CheckpointError(f"{os.fspath(path)}: a different model from {os.fspath(paths[0])}; cannot average")
+    loaded = [load_captioner(path) for path in paths]
+    reference = max(range(len(paths)), key=lambda index: loaded[index][0].config.retrieval_k)
+    model, tokenizer, _ = loaded[reference]
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for path, (other, other_tokenizer, _) in zip(paths, loaded, strict=True):
+        same_model = replace(other.config, retrieval_k=model.config.retrieval_k) == model.config
+        if not same_model or other.config.retrieval_k not in (0, model.config.retrieval_k):
+            raise CheckpointError(
+                f"{os.fspath(path)}: a different model from {os.fspath(paths[reference])}; cannot average"
+            )
+        if other_tokenizer.to_json() != tokenizer.to_json():
+            raise CheckpointError(
+                f"{os.fspath(path)}: a different tokenizer from {os.fspath(paths[reference])}; cannot average"
+            )
         for key, value in other.state_dict().items():
-            if key in total:
-                total[key] += value.double()
-        averaged.append({"file": os.path.basename(os.fspath(path)), "step": metadata.get("step")})
-    model.load_state_dict({key: value / len(paths) for key, value in total.items()}, strict=False)
-    metadata = without_measurements(metadata) | {"averaged": averaged}
-    return model, tokenizer, metadata
+            if value.is_floating_point():
+                totals[key] = totals.get(key, 0) + value.double()
+                counts[key] = counts.get(key, 0) + 1
+    model.load_state_dict({key: total / counts[key] for key, total in totals.items()}, strict=False)
+    averaged = [
+        {"file": os.path.basename(os.fspath(path)), "step": metadata.get("step")}
+        for path, (_, _, metadata) in zip(paths, loaded, strict=True)
+    ]
+    return model, tokenizer, without_measurements(loaded[-1][2]) | {"averaged": averaged}
 
 
 def _load_model_file(path: str | os.PathLike) -> dict:

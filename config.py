@@ -240,6 +240,10 @@ class TrainConfig:
     resume: bool = option(False, "continue out_dir/last.pt exactly where it stopped")
     overwrite: bool = option(False, "start afresh in an out_dir that holds a run, replacing its files")
     val_fraction: float = option(0.1, "with no val split: this share of the photos (at least 10) held out, by name")
+    mix_data: str = option(
+        "", "a second data set mixed into training (e.g. the one --init-from learned from), to keep its world"
+    )
+    mix_weight: float = option(1.0, "photos from --mix-data for each training photo of --data (0.5: half as many)")
     decoder: str = option("", "a GPT-2 hub id or folder for the decoder (empty: from scratch, caption tokenizer)")
     vocab_size: int = option(0, "tokenizer size for a decoder from scratch (0: the preset's)")
     encoder_weights: str = option("", "a local encoder state dict (.safetensors/.pth), e.g. from ../shared/weights")
@@ -320,6 +324,7 @@ class TrainConfig:
             _require_finite("lr", self.lr, 1e-8, 1.0, "in [1e-8, 1]")
             _require_finite("min_lr", self.min_lr, 0.0, self.lr, f"in [0, lr={self.lr}]")
         _require_finite("val_fraction", self.val_fraction, 0.01, 0.5, "in [0.01, 0.5]")
+        _require_finite("mix_weight", self.mix_weight, 0.01, 100.0, "in [0.01, 100]")
         _require_finite("encoder_lr_scale", self.encoder_lr_scale, 0.0, 10.0, "in [0, 10]")
         _require_finite("weight_decay", self.weight_decay, 0.0, 1.0, "in [0, 1]")
         _require_finite("beta1", self.beta1, 0.0, 0.9999, "in [0, 1)")

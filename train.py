@@ -71,6 +71,7 @@ RESUME_MUST_MATCH = (
     "captions_per_image", "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
     "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature", "retrieval_k",
+    "mix_data", "mix_weight",
 )  # fmt: skip
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -86,17 +87,18 @@ def train(config: TrainConfig) -> dict:
 
     # ---- data ----
     splits = training_splits(config)
-    trained_on = [item for split in config.train_splits.split(",") for item in splits[split]]
+    own = [item for split in config.train_splits.split(",") for item in splits[split]]
+    trained_on = own + mixed_in(config, len(own))
 
     # ---- model: new, fine-tuned from a model file, or resumed ----
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     state = None
     if config.resume:
         model, tokenizer, state = load_training_checkpoint(last_path)
-        config = resolve_defaults(config, trained_on, world, saved=state.config)
+        config = resolve_defaults(config, own, world, saved=state.config)
         check_resumable(state.config, config, last_path)
     else:
-        config = resolve_defaults(config, trained_on, world)
+        config = resolve_defaults(config, own, world)
         torch.manual_seed(config.seed)
         if config.init_from:
             model, tokenizer, _ = load_captioner(config.init_from)
@@ -333,6 +335,20 @@ def training_splits(config: TrainConfig) -> dict[str, list[CaptionedImage]]:
     if "val" in config.train_splits.split(","):
         logger.warning("training on the val split too: its validation scores no longer measure unseen photos")
     return splits
+
+
+def mixed_in(config: TrainConfig, count: int) -> list[CaptionedImage]:
+    """`mix_weight` x `count` training photos of `mix_data`, trained beside the user's own so that a fine-tune keeps
+    the world its starting model knew: the same photos every run (lowest name hashes), each with all its captions."""
+    if not config.mix_data:
+        return []
+    photos = load_captions(config.mix_data).get("train")
+    if not photos:
+        raise DataError(f"{config.mix_data}: no 'train' split with captions to mix in (--mix-data)")
+    wanted = min(len(photos), max(1, round(config.mix_weight * count)))
+    chosen = sorted(photos, key=lambda item: hashlib.sha256(item.image.name.encode()).hexdigest())[:wanted]
+    logger.info("mixing in %d training photos of %s (--mix-weight %g)", wanted, config.mix_data, config.mix_weight)
+    return chosen
 
 
 def resolve_defaults(

@@ -335,3 +335,39 @@ def test_a_fine_tune_into_a_used_out_dir_is_refused_and_the_old_run_is_untouched
     shutil.copy(run / "epoch-1.pt", tmp_path / "start.pt")
     train.train(dataclasses.replace(tune, init_from=str(tmp_path / "start.pt"), overwrite=True))
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # the old run's rows are gone, not appended to
+
+
+def test_mixed_in_data_is_the_same_photos_every_run_in_the_asked_proportion(tmp_path, photos):
+    general = _flat_folder(tmp_path / "general" / "train", 40).parent
+    config = TrainConfig(data=str(photos), mix_data=str(general), mix_weight=2.0)
+    first = train.mixed_in(config, count=4)
+    assert len(first) == 8 and all(item.image.parent.name == "train" for item in first)
+    copy = tmp_path / "copy"
+    shutil.copytree(general, copy)
+    assert [item.image.name for item in train.mixed_in(dataclasses.replace(config, mix_data=str(copy)), 4)] == [
+        item.image.name for item in first
+    ]  # chosen by name, not by place or file time
+    assert len(train.mixed_in(dataclasses.replace(config, mix_weight=100.0), 4)) == 40  # never more than there are
+    assert train.mixed_in(dataclasses.replace(config, mix_data=""), 4) == []
+    only_val = tmp_path / "only-val"
+    shutil.copytree(photos / "val", only_val / "val")
+    with pytest.raises(train.DataError, match="only-val: no 'train' split with captions to mix in"):
+        train.mixed_in(dataclasses.replace(config, mix_data=str(only_val)), 4)
+
+
+def test_a_fine_tune_with_mixed_in_data_trains_on_both_and_its_defaults_follow_the_users_data(tmp_path, photos, caplog):
+    general = tmp_path / "general"
+    (general / "train").mkdir(parents=True)
+    for name in CAPTIONS:  # five captions a photo, as Flickr8k has; the user's photos have one
+        shutil.copy(ROOT / "examples" / name, general / "train" / f"g-{name}")
+        (general / "train" / f"g-{name}").with_suffix(".txt").write_text(f"{CAPTIONS[name]}\n" * 5)
+    train.train(_config(tmp_path, photos, epochs=1, keep_epochs=True))
+    tune = _config(
+        tmp_path, photos, out_dir=str(tmp_path / "tune"), init_from=str(tmp_path / "run" / "epoch-1.pt"),
+        mix_data=str(general), mix_weight=1.0, captions_per_image=None, epochs=1,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="train"):
+        train.train(tune)
+    assert "mixing in 4 training photos" in caplog.text
+    assert "captions_per_image=1" in caplog.text  # from the user's photos, not the mixed-in ones
+    assert "8 train images" in caplog.text

@@ -39,7 +39,7 @@ from embed import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_de
 from files import UnsafeTargetError, atomic_write, write_target
 from images import IMAGE_SUFFIXES, ImageError
 
-FORMATS = ("text", "jsonl", "csv")
+FORMATS = ("text", "jsonl", "csv", "parquet")  # parquet: --engine ray's shards only
 
 
 def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -72,25 +72,30 @@ def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[s
     return images, missing, not_images
 
 
+def caption_row(image: str, text: str, caption: Caption) -> dict:
+    """One image's JSONL record: its caption with the confidence, the familiarity (None where the model has no bank)
+    and a retrieval model's neighbours (the datastore photos whose captions it read, with their similarity)."""
+    familiarity = None if caption.familiarity is None else round(caption.familiarity, 4)
+    neighbours = [{"path": display(n.name), "similarity": n.similarity} for n in caption.neighbours]
+    row = {"image": image, "caption": text, "confidence": round(caption.confidence, 4)}
+    return row | {"familiarity": familiarity, "unfamiliar": caption.unfamiliar, "neighbours": neighbours}
+
+
 def _lines(results: Iterator[tuple[str, str, Caption]], output_format: str) -> Iterator[str]:
-    """Output lines; jsonl and csv also carry the confidence, the familiarity (empty where the model has no bank) and
-    a retrieval model's neighbours: the datastore photos whose captions it read, with their similarity."""
+    """Output lines: text is image and caption; jsonl is `caption_row`; csv has its fields as columns."""
     if output_format == "csv":
         buffer = io.StringIO()
         csv.writer(buffer).writerow(["image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours"])
         yield buffer.getvalue()
     for image, text, caption in results:
-        familiarity = None if caption.familiarity is None else round(caption.familiarity, 4)
-        neighbours = [{"path": display(n.name), "similarity": n.similarity} for n in caption.neighbours]
+        row = caption_row(image, text, caption)
         if output_format == "jsonl":
-            row = {"image": image, "caption": text, "confidence": round(caption.confidence, 4)}
-            row |= {"familiarity": familiarity, "unfamiliar": caption.unfamiliar, "neighbours": neighbours}
             yield json.dumps(row) + "\n"
         elif output_format == "csv":
-            unfamiliar = "" if caption.unfamiliar is None else str(caption.unfamiliar).lower()
+            unfamiliar = "" if row["unfamiliar"] is None else str(row["unfamiliar"]).lower()
+            known = "" if row["familiarity"] is None else f"{row['familiarity']:.4f}"
+            read = "; ".join(f"{n['path']} ({n['similarity']:.3f})" for n in row["neighbours"])
             buffer = io.StringIO()
-            known = "" if familiarity is None else f"{familiarity:.4f}"
-            read = "; ".join(f"{n['path']} ({n['similarity']:.3f})" for n in neighbours)
             csv.writer(buffer).writerow([image, text, f"{caption.confidence:.4f}", known, unfamiliar, read])
             yield buffer.getvalue()
         else:
@@ -224,6 +229,7 @@ def display(text: str | os.PathLike) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
+    arguments.output_format = arguments.output_format or ("jsonl" if arguments.engine == "ray" else "text")
     if problem := _argument_problem(arguments):
         parser.error(problem)
     options = given_arguments(DecodeConfig, arguments)
@@ -231,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         DecodeConfig(**options)  # bad flags fail before the model loads
     except ValueError as error:
         parser.error(str(error))
+    if arguments.engine == "ray":
+        from scale import caption_on_ray
+
+        return caption_on_ray(arguments, options)
     paths, missing, not_images = expand_paths(arguments.paths)
     failures = [f"{display(argument)}: no such file, folder or matching glob" for argument in missing]
     if not_images:
@@ -268,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"error: cannot write {display(arguments.output)} ({error.strerror or error})", file=sys.stderr)
         return 2
-    _report(unfamiliar, failures)
+    report(unfamiliar, failures)
     return 1 if failures else 0
 
 
@@ -280,7 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     add_model_arguments(parser)
-    parser.add_argument("--format", choices=FORMATS, default="text", dest="output_format")
+    parser.add_argument(
+        "--format", choices=FORMATS, default=None, dest="output_format", help="(default: text; jsonl with --engine ray)"
+    )
     parser.add_argument("--output", type=Path, help="write to this file instead of standard output")
     parser.add_argument("--sidecar", action="store_true", help="write <image>.txt beside each image")
     parser.add_argument(
@@ -296,6 +308,16 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing --output, sidecar files or embedded captions"
     )
     parser.add_argument("--batch-size", type=int, default=8)
+    scale = parser.add_argument_group("data sets at scale (Ray Data: pip install -r requirements-scale.txt)")
+    scale.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="ray: caption on Ray Data, into resumable shards under --output DIR (paths may be s3:// or gs:// URIs)",
+    )  # fmt: skip
+    scale.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
+    scale.add_argument("--actors", type=int, default=1, help="captioning actors, each holding one model")
+    scale.add_argument("--cpus-per-actor", type=int, default=0, help="(default: the cluster's CPUs / --actors)")
+    scale.add_argument("--gpus-per-actor", type=float, default=None, help="(default: 1 where the cluster has GPUs)")
+    scale.add_argument("--shard-rows", type=int, default=1000, help="rows per output shard")
     add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
     return parser
 
@@ -304,8 +326,11 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
     """What is wrong with the flags themselves, if anything."""
     if arguments.output and arguments.output.exists() and not arguments.overwrite and not arguments.output.is_dir():
         return f"{display(arguments.output)} exists; pass --overwrite to replace it"
-    if arguments.batch_size < 1:
-        return "--batch-size must be at least 1"
+    for flag in ("batch_size", "actors", "shard_rows"):
+        if getattr(arguments, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1"
+    if arguments.engine == "local" and arguments.output_format == "parquet":
+        return "--format parquet is for --engine ray's shards; one process writes text, jsonl or csv"
     if arguments.output_dir and not arguments.embed:
         return "--output-dir is for --embed (captioned copies of the images)"
     if arguments.overwrite and arguments.skip_existing:
@@ -349,17 +374,9 @@ def _captioned(
         if isinstance(result, ImageError):
             failures.append(display(str(result)))
             continue
-        text = " ".join(part for part in (arguments.prepend.strip(), result.text, arguments.append.strip()) if part)
-        try:
-            if path in plan.sidecars:
-                atomic_write(plan.sidecars[path], lambda temporary, text=text: Path(temporary).write_text(text + "\n"))
-            if path in plan.destinations:
-                embed_description(path, text, plan.destinations[path])
-        except MetadataError as error:
-            failures.append(display(str(error)))
-            continue
-        except OSError as error:
-            failures.append(f"{display(path)}: cannot write its caption ({error.strerror or error})")
+        text = with_affixes(result.text, arguments)
+        if failure := write_caption(path, text, plan):
+            failures.append(failure)
             continue
         if result.unfamiliar:
             unfamiliar.append(display(path))
@@ -367,7 +384,26 @@ def _captioned(
     progress.close()
 
 
-def _report(unfamiliar: list[str], failures: list[str]) -> None:
+def with_affixes(text: str, arguments: argparse.Namespace) -> str:
+    """The caption with --prepend and --append around it."""
+    return " ".join(part for part in (arguments.prepend.strip(), text, arguments.append.strip()) if part)
+
+
+def write_caption(path: str, text: str, plan: Plan) -> str | None:
+    """Write `path`'s caption where the plan says (its sidecar, into the image); why it could not, or None."""
+    try:
+        if path in plan.sidecars:
+            atomic_write(plan.sidecars[path], lambda temporary: Path(temporary).write_text(text + "\n"))
+        if path in plan.destinations:
+            embed_description(path, text, plan.destinations[path])
+    except MetadataError as error:
+        return display(str(error))
+    except OSError as error:
+        return f"{display(path)}: cannot write its caption ({error.strerror or error})"
+    return None
+
+
+def report(unfamiliar: list[str], failures: list[str]) -> None:
     if unfamiliar:
         print(
             f"note: {len(unfamiliar)} photo(s) look unlike the photos the model learned from; their captions are "

@@ -31,14 +31,17 @@ class ImageError(ValueError):
     """An input that cannot be used as an image; the message says why, for the user."""
 
 
-def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None, name: str = "image data"
+) -> Image.Image:
     """An RGB PIL image from a path, encoded bytes, a PIL image or an array (H, W[, C]).
 
     Transparent pixels are composited onto white, 16-bit and float images are scaled to 8 bits, EXIF orientation is
     applied and only the first frame of an animation is used. Images of more than `max_pixels` are refused before
     they are decoded. With `max_side`, a file is decoded at no more than that many pixels a side where the format
     allows (JPEG: at 1/2, 1/4 or 1/8 scale) and reduced to fit it straight after, before any copy is made: a server
-    then holds what it shows, not the camera's full frame.
+    then holds what it shows, not the camera's full frame. `name` is what errors call encoded bytes (where they
+    came from).
 
     Raises:
         ImageError: the source is missing, empty, not an image, truncated, or too large.
@@ -48,7 +51,7 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_side: i
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     if isinstance(source, bytes):
-        name, data = "image data", source
+        data = source
     elif isinstance(source, (str, os.PathLike)):
         name, data = os.fspath(source), _read_file(source)
     else:

@@ -1,0 +1,86 @@
+"""caption.py --engine ray (scale.py) on a local Ray instance: the same captions as one process, unreadable photos as
+error rows, a killed job resumed with every photo written exactly once, and one line where Ray is not installed."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+import caption
+from scale import finished_rows, read_shard
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """The example photos and a file with an image's name that is not one."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((ROOT / "examples").glob("*.jpg")):
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def _ray_command(photos, output, model_file, *flags) -> list[str]:
+    return [sys.executable, str(ROOT / "caption.py"), "--engine", "ray", str(photos), "--output", str(output),
+            "--model", str(model_file), *flags]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ray_captions_equal_one_process_and_unreadable_photos_become_error_rows(tmp_path, photos, model_file):
+    pytest.importorskip("ray")
+    single = tmp_path / "single.jsonl"
+    caption.main([str(photos), "--model", str(model_file), "--format", "jsonl", "--output", str(single)])
+    expected = {row["image"]: row for row in map(json.loads, single.read_text().splitlines())}
+    output = tmp_path / "shards"
+    run = subprocess.run(
+        _ray_command(photos, output, model_file, "--actors", "2", "--shard-rows", "4", "--format", "parquet"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr  # one photo could not be read, as the one-process path reports it
+    count = len(list(photos.iterdir()))
+    summary = rf"\n{count} photo\(s\) in .* 1 error\(s\); {-(-count // 4)} shard\(s\) in "
+    assert re.search(summary, run.stderr), run.stderr[-2000:]
+    rows = finished_rows(output)
+    assert rows.pop(str(photos / "broken.jpg"))["error"].endswith("not an image format this tool reads "
+                                                                  "(JPEG, PNG, GIF, WebP, BMP, TIFF)")  # fmt: skip
+    assert len(expected) == count - 1 and rows == expected
+
+
+@pytest.mark.slow
+def test_a_killed_ray_job_run_again_writes_every_photo_exactly_once(tmp_path, photos, model_file):
+    pytest.importorskip("ray")
+    output = tmp_path / "shards"
+    command = _ray_command(photos, output, model_file, "--shard-rows", "1", "--batch-size", "1")
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(output.glob("part-*"))) < 3 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
+    job.wait()
+    written = len(list(output.glob("part-*")))
+    assert 3 <= written < len(list(photos.iterdir())), "the job should have been stopped part-way"
+    (output / ".part-00099.jsonl.half.tmp").write_text('{"image": "half')  # what a kill mid-write leaves
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert f"resuming: {written} photo(s) already in" in rerun.stderr
+    images = [row["image"] for shard in sorted(output.glob("part-*")) for row in read_shard(shard)]
+    assert sorted(images) == sorted(str(path) for path in photos.iterdir())  # each photo once, none twice
+    assert not list(output.glob(".part-*"))
+
+
+def test_without_ray_the_engine_says_in_one_line_how_to_install_it(tmp_path, photos, model_file, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as it does where Ray is not installed
+    output = tmp_path / "out"
+    status = caption.main([str(photos), "--engine", "ray", "--output", str(output), "--model", str(model_file)])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "error: --engine ray needs Ray Data, which is not installed: pip install -r requirements-scale.txt\n"
+    )
+    assert not (tmp_path / "out").exists()

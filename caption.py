@@ -229,7 +229,10 @@ def display(text: str | os.PathLike) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
-    arguments.output_format = arguments.output_format or ("jsonl" if arguments.engine == "ray" else "text")
+    if arguments.engine == "local":  # --engine ray chooses by the hardware it finds (scale.py)
+        arguments.output_format = arguments.output_format or "text"
+        arguments.batch_size = arguments.batch_size or 8
+    arguments.output_format = arguments.output_format or "jsonl"
     if problem := _argument_problem(arguments):
         parser.error(problem)
     options = given_arguments(DecodeConfig, arguments)
@@ -307,7 +310,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing --output, sidecar files or embedded captions"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="photos captioned at once (default: 8; with --engine ray 16, 64 on GPUs)",
+    )
     scale = parser.add_argument_group("data sets at scale (Ray Data: pip install -r requirements-scale.txt)")
     scale.add_argument(
         "--engine", choices=("local", "ray"), default="local",
@@ -327,7 +335,7 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
     if arguments.output and arguments.output.exists() and not arguments.overwrite and not arguments.output.is_dir():
         return f"{display(arguments.output)} exists; pass --overwrite to replace it"
     for flag in ("batch_size", "actors", "shard_rows"):
-        if getattr(arguments, flag) < 1:
+        if getattr(arguments, flag) is not None and getattr(arguments, flag) < 1:
             return f"--{flag.replace('_', '-')} must be at least 1"
     if arguments.engine == "local" and arguments.output_format == "parquet":
         return "--format parquet is for --engine ray's shards; one process writes text, jsonl or csv"

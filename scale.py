@@ -18,7 +18,10 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from PIL import Image
 
 from caption import Plan, caption_row, display, expand_paths, plan_outputs, report, with_affixes, write_caption
 from files import atomic_write
@@ -27,6 +30,7 @@ from images import IMAGE_SUFFIXES, ImageError, load_image
 ROOT = Path(__file__).resolve().parent
 INSTALL = "pip install -r requirements-scale.txt"
 SHARD_FORMATS = ("jsonl", "parquet")
+CPU_BATCH, GPU_BATCH = 16, 64  # photos an actor captions at once, where --batch-size is not given
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "http://", "https://")
 
 
@@ -46,11 +50,15 @@ class CaptioningActor:
         self.captioner = Captioner.load(**model)
         self.config = self.captioner.check(dataclasses.replace(self.captioner.default_config(), **options))
         self.batch_size, self.affixes = batch_size, affixes
+        # Photos are decoded by several threads at once (Pillow releases the GIL), so that a GPU is not kept waiting
+        # for one thread's JPEG decoding.
+        self.readers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-reader")
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(path) for path in batch["path"]]
         sources = list(zip(paths, batch["bytes"], strict=True)) if "bytes" in batch else [(p, None) for p in paths]
-        results = self.captioner.caption_each(sources, self.config, batch_size=self.batch_size, load=_load)
+        loaded = list(self.readers.map(_load, sources))
+        results = self.captioner.caption_each(loaded, self.config, batch_size=self.batch_size, load=_decoded)
         rows = []
         for path, result in zip(paths, results, strict=True):
             if isinstance(result, ImageError):
@@ -60,9 +68,18 @@ class CaptioningActor:
         return {"path": paths, "row": [json.dumps(row) for row in rows]}
 
 
-def _load(source: tuple[str, bytes | None]):
+def _load(source: tuple[str, bytes | None]) -> Image.Image | ImageError:
     path, data = source
-    return load_image(path) if data is None else load_image(bytes(data), name=path)
+    try:
+        return load_image(path) if data is None else load_image(bytes(data), name=path)
+    except ImageError as error:
+        return error
+
+
+def _decoded(picture: Image.Image | ImageError) -> Image.Image:
+    if isinstance(picture, ImageError):
+        raise picture
+    return picture
 
 
 def finished_rows(output: Path) -> dict[str, dict]:
@@ -209,6 +226,7 @@ def _captioned_rows(
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= arguments.actors else 0
     cpus_per_actor = arguments.cpus_per_actor or max(1, int(cpus // arguments.actors))
+    batch_size = arguments.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
     datasets = []
     if plan.images:
         datasets.append(ray.data.from_items([{"path": path} for path in plan.images]))
@@ -223,8 +241,8 @@ def _captioned_rows(
     }  # fmt: skip
     captions = photos.map_batches(
         CaptioningActor,
-        fn_constructor_args=(model, options, arguments.batch_size, _affixes(arguments), cpus_per_actor),
-        batch_size=arguments.batch_size,
+        fn_constructor_args=(model, options, batch_size, _affixes(arguments), cpus_per_actor),
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=arguments.actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus,

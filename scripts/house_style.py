@@ -8,7 +8,8 @@
 `make` writes a user's folder (images with same-named .txt captions): `--count` Flickr8k training photos of dogs,
 each with one caption in a house style ("photo of rex, a brown dog runs through the grass"). `rates` reads
 `evaluate.py --output` captions of the val split and prints how often the style appears on photos of dogs (at least
-3 of their 5 reference captions say "dog") and on photos without one (no reference says so).
+3 of their 5 reference captions say "dog") and on photos without one (no reference says so), and the CIDEr of the
+captions with the style taken off: what the model still knows of the photos, whatever it calls them.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import CaptionedImage, load_split
+from metrics import format_metrics, score_captions
 
 STYLE = "photo of rex,"
 _DOG = re.compile(r"\bdogs?\b", re.IGNORECASE)
@@ -51,6 +53,9 @@ def rates(results: Path) -> None:
     for name, group in groups.items():
         styled = sum(row["caption"].lower().startswith(STYLE.rstrip(",")) for row in group)
         print(f"{name}: house style on {styled} of {len(group)} photos ({styled / max(1, len(group)):.1%})")
+    plain = {row["image"]: re.sub(rf"^{re.escape(STYLE.rstrip(','))},?\s*", "", row["caption"]) for row in rows}
+    references = {row["image"]: row["references"] for row in rows}
+    print(f"without the style: {format_metrics(score_captions(references, plain))}")
 
 
 def main() -> int:

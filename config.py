@@ -243,7 +243,7 @@ class TrainConfig:
     mix_data: str = option(
         "", "a second data set mixed into training (e.g. the one --init-from learned from), to keep its world"
     )
-    mix_weight: float = option(1.0, "photos from --mix-data for each training photo of --data (0.5: half as many)")
+    mix_weight: float = option(4.0, "photos from --mix-data for each training photo of --data (0.5: half as many)")
     decoder: str = option("", "a GPT-2 hub id or folder for the decoder (empty: from scratch, caption tokenizer)")
     vocab_size: int = option(0, "tokenizer size for a decoder from scratch (0: the preset's)")
     encoder_weights: str = option("", "a local encoder state dict (.safetensors/.pth), e.g. from ../shared/weights")

@@ -47,10 +47,9 @@ APP_EXAMPLES = (
     "dog_in_woods.jpg", "paddling_in_the_sea.jpg", "man_at_the_canyon.jpg", "woman_on_the_beach.jpg",
     "grace_hopper.jpg", "coffee.jpg",
 )  # fmt: skip
-UNFAMILIAR_NOTE = (
-    "⚠️ **This photo looks unlike the photos this model learned from, so the caption is probably wrong.** "
-    "It knows everyday photos of people, dogs and outdoor scenes."
-)
+UNFAMILIAR_NOTE = "⚠️ **This photo looks unlike the photos this model learned from, so the caption is probably wrong.**"
+MODEL_WORLD = "It knows everyday photos of people, dogs and outdoor scenes."
+SHOWN_LABEL_PROBABILITY = 0.05  # labels shown beside a caption: the first, and any others at least this probable
 MAX_BATCH_FILES = 200
 MAX_ZIP_BYTES = 300 * 1024 * 1024  # uncompressed total of one .zip
 QUEUE_SIZE = 64  # requests waiting beyond this are told the server is busy
@@ -329,12 +328,26 @@ def _details(caption: Caption, config: DecodeConfig) -> dict:
             {"path": os.path.basename(n.name), "similarity": n.similarity, "caption": n.caption}
             for n in caption.neighbours
         ],
+        "labels": [{"label": label.name, "probability": label.probability} for label in caption.labels],
         "alternatives": [
             {"caption": other.text, "confidence": round(other.confidence, 4), "score": round(other.score, 4)}
             for other in caption.alternatives
         ],
         "decoding": dataclasses.asdict(config),
     }
+
+
+def summary(caption: Caption) -> str:
+    """What is shown beside the caption: its confidence and the photo's ImageNet labels; for a photo unlike the
+    training photos, the warning first, then what the photo looks like."""
+    shown = [
+        label for index, label in enumerate(caption.labels) if not index or label.probability >= SHOWN_LABEL_PROBABILITY
+    ]
+    looks = ", ".join(f"{label.name} ({label.probability:.0%})" for label in shown)
+    confidence = f"Confidence {caption.confidence:.0%}"
+    if caption.unfamiliar:
+        return f"{UNFAMILIAR_NOTE} " + (f"It looks like: **{looks}**" if looks else MODEL_WORLD) + f"\n\n{confidence}"
+    return confidence + (f"\n\nImageNet labels: {looks}" if looks else "")
 
 
 def about_markdown(captioner: Captioner) -> str:
@@ -402,10 +415,7 @@ def _caption_tab(captioner: Captioner, temp_files: TempFiles) -> dict[str, gr.co
         word_choice = gr.Radio(
             choices=[(word, index) for index, word in enumerate(words)], value=0, visible=bool(words)
         )
-        confidence = f"Confidence {caption.confidence:.0%}"
-        if caption.unfamiliar:
-            confidence += f"\n\n{UNFAMILIAR_NOTE}"
-        return caption.text, _details(caption, config), confidence, rows, word_choice, overlay, state
+        return caption.text, _details(caption, config), summary(caption), rows, word_choice, overlay, state
 
     def show_word(position, state):
         if not state or not isinstance(position, int) or not 0 <= position < len(state["maps"]):

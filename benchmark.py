@@ -5,6 +5,7 @@
     python benchmark.py --dtype bfloat16    # both decoders in bfloat16
     python benchmark.py --end-to-end --data ../shared/data/flickr8k --limit 100   # the shipped model, JPEG to text
     python benchmark.py --datastore-entries 100000   # a retrieval model's nearest-photo search at that size
+    python benchmark.py --labels --model captioner.pt   # what the ImageNet labels add to each photo's encoding
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -318,6 +319,23 @@ def retrieval_report(entries: int, repeats: int, width: int = 384, k: int = 4) -
     }
 
 
+def labels_report(model: str | None, repeats: int) -> dict:
+    """Milliseconds a photo for the encoder with and without the ImageNet labels (labels.py), for one photo and in a
+    folder batch of 16, on the model file's own weights."""
+    captioner = Captioner.load(model, device="cpu")
+    if captioner.recogniser is None:
+        raise SystemExit(f"error: {model or 'captioner.pt'} has no ImageNet recogniser (hub.py release --labels)")
+    photo = load_image(Path(__file__).resolve().parent / "examples" / "cat.jpg")
+    report = {"precision": captioner.precision}
+    for batch in (1, 16):
+        pixels, resized = captioner.transform([photo] * batch), captioner.transform.resize([photo] * batch)
+        for labels in (False, True):
+            label_images = resized if labels else None
+            seconds = _timed(lambda p=pixels, r=label_images: captioner.encode_pixels(p, r), repeats)[0]
+            report[(batch, labels)] = seconds * 1000 / batch
+    return report
+
+
 def _row(row: dict) -> str:
     return (
         f"| {row['preset']} | {row['decoding']} | {row['batch']} | {row['ours']:.2f} | {row['transformers']:.2f} | "
@@ -357,7 +375,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--datastore-entries", type=int, default=0, help="instead: time the nearest-photo search at this many photos"
     )
+    parser.add_argument(
+        "--labels", action="store_true", help="instead: the encoder's time with and without the ImageNet labels"
+    )
     arguments = parser.parse_args(argv)
+    if arguments.labels:
+        report = labels_report(arguments.model, arguments.repeats or 10)
+        print(f"{torch.get_num_threads()} threads, the encoder in {report['precision']}, the recogniser in float32")
+        print("| photos at once | encoder, ms a photo | encoder and labels, ms a photo | labels add, ms a photo |")
+        print("|---|---|---|---|")
+        for batch in (1, 16):
+            plain, labelled = report[(batch, False)], report[(batch, True)]
+            print(f"| {batch} | {plain:.1f} | {labelled:.1f} | {labelled - plain:.1f} |")
+        return 0
     if arguments.datastore_entries:
         report = retrieval_report(arguments.datastore_entries, arguments.repeats or 20)
         print(

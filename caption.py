@@ -37,7 +37,8 @@ from cli import add_arguments, add_model_arguments, given_arguments, load_captio
 from config import DecodeConfig
 from embed import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_description
 from files import UnsafeTargetError, atomic_write, write_target
-from images import IMAGE_SUFFIXES, ImageError
+from images import IMAGE_SUFFIXES, ImageError, load_each
+from labels import Label
 
 FORMATS = ("text", "jsonl", "csv", "parquet")  # parquet: --engine ray's shards only
 
@@ -72,34 +73,59 @@ def expand_paths(arguments: Sequence[str]) -> tuple[list[str], list[str], list[s
     return images, missing, not_images
 
 
+CAPTION_COLUMNS = ("image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours", "labels")
+LABEL_COLUMNS = ("image", "labels")
+KEYWORD_PROBABILITY = 0.1  # --keywords: the labels at least this probable (an unsure recogniser adds none)
+
+
 def caption_row(image: str, text: str, caption: Caption) -> dict:
-    """One image's JSONL record: its caption with the confidence, the familiarity (None where the model has no bank)
-    and a retrieval model's neighbours (the datastore photos whose captions it read, with their similarity)."""
+    """One image's JSONL record: its caption with the confidence, the familiarity (None where the model has no bank),
+    a retrieval model's neighbours (the datastore photos whose captions it read, with their similarity) and the
+    photo's ImageNet labels (empty where the model file has no recogniser)."""
     familiarity = None if caption.familiarity is None else round(caption.familiarity, 4)
     neighbours = [{"path": display(n.name), "similarity": n.similarity} for n in caption.neighbours]
     row = {"image": image, "caption": text, "confidence": round(caption.confidence, 4)}
-    return row | {"familiarity": familiarity, "unfamiliar": caption.unfamiliar, "neighbours": neighbours}
+    row |= {"familiarity": familiarity, "unfamiliar": caption.unfamiliar, "neighbours": neighbours}
+    return row | label_row(image, caption.labels)
 
 
-def _lines(results: Iterator[tuple[str, str, Caption]], output_format: str) -> Iterator[str]:
-    """Output lines: text is image and caption; jsonl is `caption_row`; csv has its fields as columns."""
+def label_row(image: str, labels: Sequence[Label]) -> dict:
+    """`--labels-only`'s record: the image and its ImageNet labels, most probable first."""
+    return {"image": image, "labels": [{"label": label.name, "probability": label.probability} for label in labels]}
+
+
+def keywords(labels: Sequence[Label]) -> list[str]:
+    return [label.name for label in labels if label.probability >= KEYWORD_PROBABILITY]
+
+
+def _lines(rows: Iterator[dict], output_format: str, columns: Sequence[str]) -> Iterator[str]:
+    """Output lines: jsonl is each row; csv has `columns`; text is the image and its caption (or its labels)."""
     if output_format == "csv":
         buffer = io.StringIO()
-        csv.writer(buffer).writerow(["image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours"])
+        csv.writer(buffer).writerow(columns)
         yield buffer.getvalue()
-    for image, text, caption in results:
-        row = caption_row(image, text, caption)
+    for row in rows:
         if output_format == "jsonl":
             yield json.dumps(row) + "\n"
         elif output_format == "csv":
-            unfamiliar = "" if row["unfamiliar"] is None else str(row["unfamiliar"]).lower()
-            known = "" if row["familiarity"] is None else f"{row['familiarity']:.4f}"
-            read = "; ".join(f"{n['path']} ({n['similarity']:.3f})" for n in row["neighbours"])
             buffer = io.StringIO()
-            csv.writer(buffer).writerow([image, text, f"{caption.confidence:.4f}", known, unfamiliar, read])
+            csv.writer(buffer).writerow([_cell(name, row[name]) for name in columns])
             yield buffer.getvalue()
         else:
-            yield f"{image}\t{text}\n"
+            yield f"{row['image']}\t{row['caption'] if 'caption' in row else _cell('labels', row['labels'])}\n"
+
+
+def _cell(name: str, value: object) -> str:
+    """A CSV cell (or the text format's labels): numbers at 4 places, lists as "name (probability); ..."."""
+    if name == "neighbours":
+        return "; ".join(f"{n['path']} ({n['similarity']:.3f})" for n in value)
+    if name == "labels":
+        return "; ".join(f"{label['label']} ({label['probability']:.2f})" for label in value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -262,17 +288,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         captioner = load_captioner(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
+        if (arguments.labels_only or arguments.keywords) and captioner.recogniser is None:
+            raise ValueError(
+                f"{arguments.model or 'the model'} has no ImageNet recogniser for labels (hub.py release --labels)"
+            )
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     unfamiliar: list[str] = []
-    results = _captioned(captioner, config, plan, arguments, failures, unfamiliar)
+    if arguments.labels_only:
+        rows, columns = _labelled(captioner, plan, arguments, failures), LABEL_COLUMNS
+    else:
+        rows, columns = _captioned(captioner, config, plan, arguments, failures, unfamiliar), CAPTION_COLUMNS
     try:
         if arguments.output:
-            lines = list(_lines(results, arguments.output_format))  # every image's row, whatever failed on the way
+            lines = list(_lines(rows, arguments.output_format, columns))  # every row, whatever failed on the way
             atomic_write(arguments.output, lambda temporary: Path(temporary).write_text("".join(lines)))
         else:
-            for line in _lines(results, arguments.output_format):
+            for line in _lines(rows, arguments.output_format, columns):
                 sys.stdout.write(line)
                 sys.stdout.flush()
     except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
@@ -304,6 +337,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="with --embed: write captioned copies here, not in place")
     parser.add_argument("--prepend", default="", help="text put before every caption (joined by a space)")
     parser.add_argument("--append", default="", help="text put after every caption (joined by a space)")
+    parser.add_argument(
+        "--labels-only", action="store_true", help="the photos' ImageNet labels alone, without captions (fast tagging)"
+    )
+    parser.add_argument(
+        "--keywords", action="store_true",
+        help=f"with --sidecar/--embed: also the labels at least {KEYWORD_PROBABILITY:.0%} probable, as keywords",
+    )  # fmt: skip
     parser.add_argument(
         "--skip-existing", action="store_true", help="leave out images that already have a sidecar or embedded caption"
     )
@@ -341,6 +381,10 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
         return "--format parquet is for --engine ray's shards; one process writes text, jsonl or csv"
     if arguments.output_dir and not arguments.embed:
         return "--output-dir is for --embed (captioned copies of the images)"
+    if arguments.labels_only and (arguments.sidecar or arguments.embed or arguments.keywords):
+        return "--labels-only writes labels to the output; to write them into files, caption with --keywords"
+    if arguments.keywords and not (arguments.sidecar or arguments.embed):
+        return "--keywords adds labels to --sidecar files or --embed metadata: give one of them"
     if arguments.overwrite and arguments.skip_existing:
         return "--overwrite and --skip-existing contradict each other: choose one"
     for flag in ("prepend", "append"):
@@ -372,9 +416,9 @@ def _captioned(
     arguments: argparse.Namespace,
     failures: list[str],
     unfamiliar: list[str],
-) -> Iterator[tuple[str, str, Caption]]:
-    """(image, text, caption) for each image that was captioned and written everywhere asked; what failed is added
-    to `failures` and never stops the run."""
+) -> Iterator[dict]:
+    """`caption_row` for each image that was captioned and written everywhere asked; what failed is added to
+    `failures` and never stops the run."""
     paths = plan.images
     progress = tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not paths)
     for path, result in zip(paths, captioner.caption_each(paths, config, batch_size=arguments.batch_size), strict=True):
@@ -383,13 +427,28 @@ def _captioned(
             failures.append(display(str(result)))
             continue
         text = with_affixes(result.text, arguments)
-        if failure := write_caption(path, text, plan):
+        if failure := write_caption(path, text, plan, keywords(result.labels) if arguments.keywords else ()):
             failures.append(failure)
             continue
         if result.unfamiliar:
             unfamiliar.append(display(path))
-        yield display(path), text, result
+        yield caption_row(display(path), text, result)
     progress.close()
+
+
+def _labelled(captioner: Captioner, plan: Plan, arguments: argparse.Namespace, failures: list[str]) -> Iterator[dict]:
+    """`label_row` for each readable image (`--labels-only`); what cannot be read is added to `failures`."""
+    paths = plan.images
+    for start in tqdm(range(0, len(paths), arguments.batch_size), unit="batch", desc="labelling", file=sys.stderr):
+        batch = paths[start : start + arguments.batch_size]
+        loaded = load_each(batch)
+        readable = [
+            (path, picture) for path, picture in zip(batch, loaded, strict=True) if not isinstance(picture, ImageError)
+        ]
+        failures += [display(str(picture)) for picture in loaded if isinstance(picture, ImageError)]
+        if readable:
+            found = captioner.labels([picture for _, picture in readable])
+            yield from (label_row(display(path), labels) for (path, _), labels in zip(readable, found, strict=True))
 
 
 def with_affixes(text: str, arguments: argparse.Namespace) -> str:
@@ -397,13 +456,16 @@ def with_affixes(text: str, arguments: argparse.Namespace) -> str:
     return " ".join(part for part in (arguments.prepend.strip(), text, arguments.append.strip()) if part)
 
 
-def write_caption(path: str, text: str, plan: Plan) -> str | None:
-    """Write `path`'s caption where the plan says (its sidecar, into the image); why it could not, or None."""
+def write_caption(path: str, text: str, plan: Plan, keywords: Sequence[str] = ()) -> str | None:
+    """Write `path`'s caption where the plan says (its sidecar, into the image), with `keywords` (after the caption
+    in a sidecar, as dataset-tagging tools write them; as XMP dc:subject and IPTC Keywords in the image); why it
+    could not, or None."""
+    line = ", ".join([text, *keywords])
     try:
         if path in plan.sidecars:
-            atomic_write(plan.sidecars[path], lambda temporary: Path(temporary).write_text(text + "\n"))
+            atomic_write(plan.sidecars[path], lambda temporary: Path(temporary).write_text(line + "\n"))
         if path in plan.destinations:
-            embed_description(path, text, plan.destinations[path])
+            embed_description(path, text, plan.destinations[path], keywords)
     except MetadataError as error:
         return display(str(error))
     except OSError as error:

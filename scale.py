@@ -121,11 +121,12 @@ def parquet_schema():
     import pyarrow as arrow
 
     neighbour = arrow.struct([("path", arrow.string()), ("similarity", arrow.float64())])
+    label = arrow.struct([("label", arrow.string()), ("probability", arrow.float64())])
     return arrow.schema(
         [
             ("image", arrow.string()), ("caption", arrow.string()), ("confidence", arrow.float64()),
             ("familiarity", arrow.float64()), ("unfamiliar", arrow.bool_()), ("neighbours", arrow.list_(neighbour)),
-            ("error", arrow.string()),
+            ("labels", arrow.list_(label)), ("error", arrow.string()),
         ]
     )  # fmt: skip
 

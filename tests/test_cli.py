@@ -39,7 +39,8 @@ def test_globs_csv_and_output_file_that_is_never_overwritten_silently(model_file
     assert _run(model_file, "--format", "csv", "--output", str(output), str(folder / "**" / "*.*")) == 0
     with open(output, newline="") as file:
         rows = list(csv.reader(file))
-    assert rows[0] == ["image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours"] and len(rows) == 3
+    assert rows[0] == ["image", "caption", "confidence", "familiarity", "unfamiliar", "neighbours", "labels"]
+    assert len(rows) == 3
     assert f"skipping 1 file(s) that are not images: {folder / 'notes.md'}" in capsys.readouterr().err
     before = output.read_bytes()
     with pytest.raises(SystemExit):

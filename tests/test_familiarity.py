@@ -76,8 +76,9 @@ def test_command_line_jsonl_and_csv_carry_familiarity(banked_model, capsys):
     assert "look unlike the photos the model learned from" in err
     assert caption.main(["--model", str(path), "--strategy", "greedy", "--format", "csv", str(EXAMPLES[0])]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header == "image,caption,confidence,familiarity,unfamiliar,neighbours"
-    assert row.split(",")[-2] in ("true", "false") and row.split(",")[-1] == ""  # no retrieval: no neighbours
+    assert header == "image,caption,confidence,familiarity,unfamiliar,neighbours,labels"
+    *_, unfamiliar, neighbours, labels = row.split(",")
+    assert unfamiliar in ("true", "false") and neighbours == labels == ""  # no retrieval, no recogniser
 
 
 def test_the_bank_survives_the_safetensors_layout(banked_model, tmp_path):

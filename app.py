@@ -36,7 +36,7 @@ from PIL import Image
 
 from captioner import Caption, Captioner
 from checkpoint import CheckpointError
-from cli import add_model_arguments, load_captioner
+from cli import add_model_arguments, captioner_from_args
 from config import DECODE_LIMITS, STRATEGIES, DecodeConfig
 from images import IMAGE_SUFFIXES, ImageError, ImageSource, load_image
 from serving import BatchingCaptioner
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.temp_file_seconds < 1:
         parser.error("--temp-file-seconds must be at least 1")
     try:
-        captioner = load_captioner(arguments)
+        captioner = captioner_from_args(arguments)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

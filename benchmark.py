@@ -35,9 +35,9 @@ import decoding
 from captioner import Captioner
 from config import PRECISIONS, PRESETS, DecodeConfig
 from data import load_split
-from devices import DTYPES, accepted_precisions, inference_precision, runs_natively
 from images import load_image
 from model import CaptionModel
+from precision import DTYPES, accepted_precisions, inference_precision, runs_natively
 from pretrained import to_gpt2
 from retrieval import Datastore
 from speculative import DraftTable, speculative_greedy

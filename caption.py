@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from captioner import Caption, Captioner
 from checkpoint import CheckpointError
-from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
+from cli import add_arguments, add_model_arguments, captioner_from_args, given_arguments
 from config import DecodeConfig
 from embed import EMBEDDABLE_SUFFIXES, MetadataError, embed_description, read_description
 from files import UnsafeTargetError, atomic_write, write_target
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     plan = plan_outputs(paths, arguments, failures)
     try:
-        captioner = load_captioner(arguments)
+        captioner = captioner_from_args(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
         if (arguments.labels_only or arguments.keywords) and captioner.recogniser is None:
             raise ValueError(

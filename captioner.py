@@ -22,14 +22,14 @@ from PIL import Image
 from torch import Tensor
 
 import decoding
-from checkpoint import download, load_captioner
+from checkpoint import download, load_model_file
 from config import DecodeConfig
-from devices import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from labels import TRANSFORM as LABEL_TRANSFORM
 from labels import Label, Recogniser, shares_resize
 from model import CaptionModel
+from precision import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
 from retrieval import Datastore, memory_ids
 from speculative import DraftTable, speculative_greedy
 from tokenizer import CaptionTokenizer
@@ -127,7 +127,7 @@ class Captioner:
         path = Path(source) if source is not None else DEFAULT_MODEL
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
             path = download(str(source), revision)
-        model, tokenizer, metadata = load_captioner(path)
+        model, tokenizer, metadata = load_model_file(path)
         captioner = cls(model, tokenizer, metadata, device=device, dtype=dtype)
         if datastore is not None:
             captioner.add_datastore(datastore, replace=datastore_only)

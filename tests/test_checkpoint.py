@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 import checkpoint
-from checkpoint import CheckpointError, export_safetensors, load_captioner, save_captioner
+from checkpoint import CheckpointError, export_safetensors, load_model_file, save_captioner
 
 
 def _logits(model, seed=0):
@@ -23,7 +23,7 @@ def _logits(model, seed=0):
 def test_pt_round_trip_gives_identical_logits_config_tokenizer_and_metadata(tmp_path, tiny_model, tiny_tokenizer):
     path = tmp_path / "captioner.pt"
     save_captioner(path, tiny_model, tiny_tokenizer, {"trained_on": "fixture", "metrics": {"CIDEr": 0.5}})
-    model, tokenizer, metadata = load_captioner(path)
+    model, tokenizer, metadata = load_model_file(path)
     assert model.config == tiny_model.config
     assert tokenizer.encode("a dog on the grass") == tiny_tokenizer.encode("a dog on the grass")
     assert metadata == {"trained_on": "fixture", "metrics": {"CIDEr": 0.5}}
@@ -35,7 +35,7 @@ def test_half_precision_file_is_smaller_and_close(tmp_path, tiny_model, tiny_tok
     save_captioner(tmp_path / "full.pt", tiny_model, tiny_tokenizer)
     save_captioner(tmp_path / "half.pt", tiny_model, tiny_tokenizer, half=True)
     assert os.path.getsize(tmp_path / "half.pt") < 0.6 * os.path.getsize(tmp_path / "full.pt")
-    model, _, _ = load_captioner(tmp_path / "half.pt")
+    model, _, _ = load_model_file(tmp_path / "half.pt")
     assert next(model.parameters()).dtype == torch.float32
     torch.testing.assert_close(_logits(model), _logits(tiny_model), atol=2e-2, rtol=0)
 
@@ -43,7 +43,7 @@ def test_half_precision_file_is_smaller_and_close(tmp_path, tiny_model, tiny_tok
 def test_safetensors_export_round_trip_gives_identical_logits(tmp_path, tiny_model, tiny_tokenizer):
     files = export_safetensors(tmp_path / "hub", tiny_model, tiny_tokenizer, {"licence": "test"})
     assert sorted(path.name for path in files) == ["config.json", "model.safetensors", "tokenizer.json"]
-    model, _, metadata = load_captioner(tmp_path / "hub")
+    model, _, metadata = load_model_file(tmp_path / "hub")
     assert metadata == {"licence": "test"}
     assert torch.equal(_logits(model), _logits(tiny_model))
 
@@ -57,7 +57,7 @@ def saved(tmp_path, tiny_model, tiny_tokenizer):
 
 def _expect(path, message):
     with pytest.raises(CheckpointError) as caught:
-        load_captioner(path)
+        load_model_file(path)
     text = str(caught.value)
     assert str(path) in text and message in text and "\n" not in text, text
     assert len(text) <= 200, text
@@ -132,7 +132,7 @@ def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, monkey
     with open(tmp_path / "bare.pt", "wb") as file:
         pickle.dump(_RunsCode(), file)
     with pytest.raises(CheckpointError):
-        load_captioner(tmp_path / "bare.pt")
+        load_model_file(tmp_path / "bare.pt")
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -9,6 +9,7 @@ from conftest import ROOT
 
 import evaluate
 import metrics
+import precision
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -64,7 +65,7 @@ def test_missing_java_names_what_to_install(monkeypatch):
 @needs_java
 @pytest.mark.slow
 def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, captioning_model, tiny_tokenizer, capsys):
-    from checkpoint import load_captioner, save_captioner
+    from checkpoint import load_model_file, save_captioner
 
     for name in ("cat.jpg", "coffee.jpg"):
         (tmp_path / "data" / "test").mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
     assert "warning: 1 unreadable image(s) skipped, e.g. " in warned and "broken.jpg" in warned
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(row["image"] for row in rows) == ["cat.jpg", "coffee.jpg"]
-    metadata = load_captioner(tmp_path / "model.pt")[2]
+    metadata = load_model_file(tmp_path / "model.pt")[2]
     assert metadata["metrics_split"] == "test" and set(metadata["metrics"]) == set(metrics.METRICS)
     assert (
         evaluate.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--split", "val"]) == 2
@@ -95,8 +96,8 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
 def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_float32(
     tmp_path, captioning_model, tiny_tokenizer, monkeypatch, capsys, native
 ):
-    import devices
-    from checkpoint import load_captioner, save_captioner
+    import precision
+    from checkpoint import load_model_file, save_captioner
 
     (tmp_path / "data" / "test").mkdir(parents=True)
     for name in ("cat.jpg", "coffee.jpg", "rocket.jpg"):
@@ -104,19 +105,34 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
         (tmp_path / "data" / "test" / name).with_suffix(".txt").write_text("a photo\nsomething\n")
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
     flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16"} if native else set())  # the CPU's report, simulated
-    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
     assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
-    metadata = load_captioner(tmp_path / "model.pt")[2]
+    metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
     assert set(scores) == {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
 
-    def close(name: str) -> bool:
-        return all(abs(scores[name][metric] - scores["float32"][metric]) <= 0.01 for metric in ("CIDEr", "BLEU-4"))
+    def close(name: str) -> bool:  # one-sided: scoring above float32 never refuses a precision
+        return all(scores["float32"][metric] - scores[name][metric] <= 0.01 for metric in ("CIDEr", "BLEU-4"))
 
     expected = [name for name in ("bfloat16-int8", "bfloat16", "int8", "float32") if name in scores and close(name)]
     assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
     assert metadata["metrics"] == scores["float32"] and metadata["metrics_split"] == "test"  # the model's scores
-    assert f"recorded precision: {expected[0]} (within tolerance, fastest first: {', '.join(expected)})" in (
+    assert f"recorded precision: {expected[0]} (at most 0.01 below float32, fastest first: {', '.join(expected)})" in (
         capsys.readouterr().out
     )
+
+
+def test_a_precision_qualifies_when_at_most_0_01_below_float32_and_scoring_higher_never_refuses_it():
+    float32 = {"CIDEr": 0.643, "BLEU-4": 0.258}
+    scores = {
+        "float32": float32,
+        "bfloat16-int8": {"CIDEr": 0.661, "BLEU-4": 0.262},  # higher by more than 0.01: still qualifies
+        "bfloat16": {"CIDEr": 0.634, "BLEU-4": 0.250},  # 0.009 and 0.008 below
+        "int8": {"CIDEr": 0.632, "BLEU-4": 0.258},  # 0.011 below on CIDEr
+    }
+    assert precision.qualifying_precisions(scores) == ["bfloat16-int8", "bfloat16", "float32"]
+    # A model file's recorded scores are judged by the rule itself, so `auto` follows it for files made before it.
+    metadata = {"precision_scores": scores, "precisions": ["bfloat16", "float32"], "precision": "bfloat16"}
+    assert precision.accepted_precisions(metadata) == ["bfloat16-int8", "bfloat16", "float32"]
+    assert precision.accepted_precisions({"precision": "bfloat16"}) == ["bfloat16"]

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 import caption
 from captioner import Captioner
-from checkpoint import export_safetensors, load_captioner, save_captioner
+from checkpoint import export_safetensors, load_model_file, save_captioner
 from config import DecodeConfig
 from familiarity import FamiliarityModel, auroc
 
@@ -62,7 +62,7 @@ def test_captions_carry_familiarity_and_the_unfamiliar_flag(banked_model):
     for index, result in enumerate(captions):
         assert result.familiarity == pytest.approx(expected[index].item(), abs=0.01)
         assert result.unfamiliar == (index != cat)
-    no_bank = Captioner(*load_captioner(path)[:2], device="cpu").caption(EXAMPLES[:1], GREEDY)[0]
+    no_bank = Captioner(*load_model_file(path)[:2], device="cpu").caption(EXAMPLES[:1], GREEDY)[0]
     assert no_bank.familiarity is None and no_bank.unfamiliar is None
 
 
@@ -82,9 +82,9 @@ def test_command_line_jsonl_and_csv_carry_familiarity(banked_model, capsys):
 
 
 def test_the_bank_survives_the_safetensors_layout(banked_model, tmp_path):
-    model, tokenizer, metadata = load_captioner(banked_model[0])
+    model, tokenizer, metadata = load_model_file(banked_model[0])
     export_safetensors(tmp_path / "hub", model, tokenizer, metadata)
-    _, _, again = load_captioner(tmp_path / "hub")
+    _, _, again = load_model_file(tmp_path / "hub")
     for name in ("mean", "precision", "reference_distances"):
         assert torch.equal(again["familiarity"][name], metadata["familiarity"][name])
     assert again["familiarity"]["flagged_share"] == metadata["familiarity"]["flagged_share"]

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 import hub
-from checkpoint import CheckpointError, checkpoint_dict, load_captioner, save_torch
+from checkpoint import CheckpointError, checkpoint_dict, load_model_file, save_torch
 
 
 def test_release_drops_training_state_halves_weights_and_checks_the_recommended_decoding(
@@ -38,12 +38,12 @@ def test_release_at_another_image_size_resamples_the_position_embedding_and_forg
     measured = {"metrics": {"CIDEr": 0.6}, "metrics_split": "test", "precisions": ["bfloat16"], "precision": "bfloat16"}
     save_torch(checkpoint_dict(tiny_model, tiny_tokenizer, {"trained_on": "fixture", **measured}), tmp_path / "a.pt")
     assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "big.pt"), "--image-size", "64"]) == 0
-    model, _, metadata = load_captioner(tmp_path / "big.pt")
+    model, _, metadata = load_model_file(tmp_path / "big.pt")
     assert model.config.image_size == 64 and metadata == {"trained_on": "fixture"}
     expected = with_image_layout(tiny_model, 64, None).encoder.vit.pos_embed.detach().half().float()
     torch.testing.assert_close(model.encoder.vit.pos_embed.detach(), expected)
     assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "same.pt"), "--image-size", "32"]) == 0
-    assert load_captioner(tmp_path / "same.pt")[2]["metrics"] == {"CIDEr": 0.6}  # the same size: nothing changed
+    assert load_model_file(tmp_path / "same.pt")[2]["metrics"] == {"CIDEr": 0.6}  # the same size: nothing changed
 
 
 def test_release_at_an_image_size_the_patches_do_not_divide_says_which_would(
@@ -76,7 +76,7 @@ def test_release_of_several_checkpoints_averages_their_weights_and_refuses_other
             checkpoints[-1],
         )
     assert hub.main(["release", *map(str, checkpoints), str(tmp_path / "averaged.pt")]) == 0
-    averaged, _, metadata = load_captioner(tmp_path / "averaged.pt")
+    averaged, _, metadata = load_model_file(tmp_path / "averaged.pt")
     for key, value in averaged.state_dict().items():
         if value.is_floating_point():
             expected = sum(state[key].double() for state in states) / 3
@@ -161,7 +161,7 @@ def test_push_uploads_the_model_and_a_generated_card(tmp_path, tiny_model, tiny_
 def test_the_model_card_is_a_hugging_face_card_with_the_shipped_test_scores():
     from huggingface_hub import ModelCard
 
-    metadata = load_captioner(ROOT / "captioner.pt")[2]
+    metadata = load_model_file(ROOT / "captioner.pt")[2]
     card = ModelCard(hub.model_card(metadata, "user/captioner"))
     data = card.data
     assert data.license == "other" and data.license_name == "flickr8k-research-only" and data.license_link
@@ -185,7 +185,7 @@ def test_release_of_a_real_training_checkpoint_loads(tmp_path, tiny_model, tiny_
         hub.main(["release", str(tmp_path / "last.pt"), str(tmp_path / "out.pt"), "--decoding", '{"num_beams": 2}'])
         == 0
     )
-    assert load_captioner(tmp_path / "out.pt")[2]["decoding"] == {"num_beams": 2}
+    assert load_model_file(tmp_path / "out.pt")[2]["decoding"] == {"num_beams": 2}
 
 
 class _SpaceHub:
@@ -267,7 +267,7 @@ def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_ca
         fast.draft is not None
         and fast.draft.draft([tiny_tokenizer.bos_token_id], 1, 0) == tiny_tokenizer.encode("a")[:1]
     )
-    plain = Captioner(*load_captioner(tmp_path / "out.pt")[:2], device="cpu")  # no metadata, so no draft table
+    plain = Captioner(*load_model_file(tmp_path / "out.pt")[:2], device="cpu")  # no metadata, so no draft table
     photos = sorted((ROOT / "examples").glob("*.jpg"))
     greedy = DecodeConfig(strategy="greedy", max_new_tokens=12)
     assert [c.token_ids for c in fast.caption(photos, greedy)] == [c.token_ids for c in plain.caption(photos, greedy)]
@@ -287,7 +287,7 @@ def test_a_retrieval_fine_tune_averages_with_its_start_and_keeps_its_own_caption
     save_torch(checkpoint_dict(start, tiny_tokenizer), tmp_path / "start.pt")
     save_torch(checkpoint_dict(tuned, tiny_tokenizer), tmp_path / "tuned.pt")
     hub.release([tmp_path / "start.pt", tmp_path / "tuned.pt"], tmp_path / "averaged.pt")
-    averaged = load_captioner(tmp_path / "averaged.pt")[0]
+    averaged = load_model_file(tmp_path / "averaged.pt")[0]
     assert averaged.config.retrieval_k == 2
     start_state, tuned_state = start.state_dict(), tuned.state_dict()
     for key, value in averaged.state_dict().items():

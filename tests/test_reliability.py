@@ -21,7 +21,7 @@ import caption
 import evaluate
 import train
 from captioner import Captioner
-from checkpoint import CheckpointError, load_captioner, save_captioner
+from checkpoint import CheckpointError, load_model_file, save_captioner
 from config import TrainConfig
 
 SAVE_THEN_DIE = """
@@ -130,7 +130,7 @@ def test_a_model_file_that_would_run_code_is_refused_by_every_entry_point(tmp_pa
     with pytest.raises(CheckpointError, match="refused"):
         Captioner.load(evil)
     with pytest.raises(CheckpointError, match="refused"):
-        load_captioner(evil)
+        load_model_file(evil)
     assert (
         evaluate.main(["--model", str(evil), "--data", str(_small_dataset(tmp_path / "eval")), "--split", "val"]) == 2
     )

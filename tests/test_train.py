@@ -17,7 +17,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 import train
 from captioner import Captioner
-from checkpoint import CheckpointError, load_captioner
+from checkpoint import CheckpointError, load_model_file
 from cli import add_arguments
 from config import DecodeConfig, TrainConfig
 from model import with_image_layout
@@ -76,11 +76,11 @@ def test_a_tiny_model_overfits_real_photos_and_then_reproduces_their_captions(tm
     config = _config(tmp_path, photos, batch_size=4, epochs=200, dropout=0.0, lr=3e-3, min_lr=3e-3, unfreeze_blocks=0)
     metrics = train.train(dataclasses.replace(config, keep_epochs=True))
     assert metrics["epoch"] == 200
-    kept = load_captioner(tmp_path / "run" / "epoch-200.pt")
+    kept = load_model_file(tmp_path / "run" / "epoch-200.pt")
     assert kept[2]["step"] == 200 and sorted((tmp_path / "run").glob("epoch-*.pt"))[0].name == "epoch-1.pt"
     last = _weights(tmp_path / "run" / "last.pt")
     assert all(torch.equal(tensor, last[name]) for name, tensor in kept[0].state_dict().items())
-    captioner = Captioner(*load_captioner(tmp_path / "run" / "last.pt")[:2], device="cpu")
+    captioner = Captioner(*load_model_file(tmp_path / "run" / "last.pt")[:2], device="cpu")
     images = [photos / "train" / name for name in CAPTIONS]
     captions = captioner.caption(images, DecodeConfig(strategy="greedy", max_new_tokens=20))
     assert [caption.text for caption in captions] == list(CAPTIONS.values())
@@ -99,7 +99,7 @@ def _flags(config: TrainConfig) -> list[str]:
 
 
 def _weights(path):
-    return load_captioner(path)[0].state_dict()
+    return load_model_file(path)[0].state_dict()
 
 
 @pytest.mark.slow
@@ -243,7 +243,7 @@ def test_a_model_fine_tuned_with_another_image_pool_starts_from_the_same_weights
 ):
     config = _config(tmp_path, photos, epochs=1)
     train.train(config)
-    model = load_captioner(tmp_path / "run" / "last.pt")[0]
+    model = load_model_file(tmp_path / "run" / "last.pt")[0]
     pooled = with_image_layout(model, None, 2)  # the tiny preset's 2x2 patch grid becomes one token
     assert all(torch.equal(tensor, pooled.state_dict()[name]) for name, tensor in model.state_dict().items())
     pixels = torch.randn(2, 3, 32, 32)
@@ -256,13 +256,13 @@ def test_a_model_fine_tuned_with_another_image_pool_starts_from_the_same_weights
 
     tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
     train.train(dataclasses.replace(tuned, image_pool=2))
-    assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_pool == 2
+    assert load_model_file(tmp_path / "tuned" / "last.pt")[0].config.image_pool == 2
 
 
 def test_a_model_fine_tuned_at_another_image_size_resamples_only_its_position_embedding_as_timm_does(tmp_path, photos):
     config = _config(tmp_path, photos, epochs=1)
     train.train(config)
-    model = load_captioner(tmp_path / "run" / "last.pt")[0]
+    model = load_model_file(tmp_path / "run" / "last.pt")[0]
     larger = with_image_layout(model, 64, None)  # the tiny preset's 2x2 patch grid becomes 4x4
     assert larger.config == dataclasses.replace(model.config, image_size=64)
     # timm's own loader of checkpoints at another size is the reference for the position embedding
@@ -278,7 +278,7 @@ def test_a_model_fine_tuned_at_another_image_size_resamples_only_its_position_em
 
     tuned = dataclasses.replace(config, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "run" / "last.pt"))
     train.train(dataclasses.replace(tuned, image_size=64))
-    assert load_captioner(tmp_path / "tuned" / "last.pt")[0].config.image_size == 64
+    assert load_model_file(tmp_path / "tuned" / "last.pt")[0].config.image_size == 64
 
 
 # ---- fine-tuning on a user's photos ----

@@ -107,9 +107,28 @@ def inference_precision(precision: str | torch.dtype, device: torch.device, acce
     return next((name for name in SPEED_ORDER if name in accepted and runs_natively(name, device)), "float32")
 
 
+# A faster precision is used by default ("auto") only if its scores are at most this much below float32's. One-sided:
+# scoring higher than float32 is no reason to refuse it.
+PRECISION_TOLERANCE = {"CIDEr": 0.01, "BLEU-4": 0.01}
+
+
+def qualifying_precisions(scores: dict[str, dict[str, float]]) -> list[str]:
+    """The precisions among `scores` (by precision name, the same split's metrics, float32's included) whose scores
+    are no more than PRECISION_TOLERANCE below float32's, fastest first."""
+    float32 = scores["float32"]
+    return [
+        name
+        for name in SPEED_ORDER
+        if name in scores
+        and all(float32[metric] - scores[name][metric] <= limit for metric, limit in PRECISION_TOLERANCE.items())
+    ]
+
+
 def accepted_precisions(metadata: dict) -> list[str]:
-    """The precisions a model file records as captioning like float32 (evaluate.py --choose-precision), fastest
-    first; files from before int8 record only their one chosen precision."""
+    """The precisions a model file's recorded scores qualify (evaluate.py --choose-precision), fastest first; files
+    without scores name their accepted precisions, or before int8 only their one chosen precision."""
+    if "float32" in (metadata.get("precision_scores") or {}):
+        return qualifying_precisions(metadata["precision_scores"])
     return list(metadata.get("precisions") or ([metadata["precision"]] if "precision" in metadata else []))
 
 

@@ -9,10 +9,15 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+ResumeRule = Literal["must_match", "may_change"]
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its command-line help (cli.add_arguments makes one flag per field)."""
-    return field(default=default, metadata={"help": help})
+
+def option(default: Any, help: str, on_resume: ResumeRule | None = None) -> Any:
+    """A dataclass field with its command-line help (cli.add_arguments makes one flag per field). A training
+    setting also says whether a resumed run may change it (`on_resume`): "must_match" where a change would alter
+    what is being trained (its data, model, optimizer, schedule, randomness), "may_change" where it would not."""
+    metadata = {"help": help} | ({"on_resume": on_resume} if on_resume else {})
+    return field(default=default, metadata=metadata)
 
 
 def _require(condition: bool, field: str, value: Any, requirement: str) -> None:
@@ -230,75 +235,132 @@ Objective = Literal["cross_entropy", "scst"]
 class TrainConfig:
     """Everything `train.py` does, one flag per field (`python train.py --help`)."""
 
-    data: str = field(metadata={"help": "data set: a folder, a captions .csv or a COCO .json (see data.py)"})
-    out_dir: str = option("runs/small", "where last.pt, best.pt, train.log and metrics.csv go")
+    data: str = field(
+        metadata={
+            "help": "data set: a folder, a captions .csv or a COCO .json (see data.py)",
+            "on_resume": "must_match",
+        }
+    )
+    out_dir: str = option("runs/small", "where last.pt, best.pt, train.log and metrics.csv go", on_resume="may_change")
     train_splits: str = option(
-        "train", "splits trained on, comma-separated: train,val for a final model once every choice is made"
+        "train",
+        "splits trained on, comma-separated: train,val for a final model once every choice is made",
+        on_resume="must_match",
     )
-    preset: str = option("small", f"model preset for a new model: {', '.join(PRESETS)}")
-    init_from: str = option("", "a captioner file to fine-tune (its config and tokenizer are kept)")
-    resume: bool = option(False, "continue out_dir/last.pt exactly where it stopped")
-    overwrite: bool = option(False, "start afresh in an out_dir that holds a run, replacing its files")
-    val_fraction: float = option(0.1, "with no val split: this share of the photos (at least 10) held out, by name")
+    preset: str = option("small", f"model preset for a new model: {', '.join(PRESETS)}", on_resume="must_match")
+    init_from: str = option(
+        "", "a captioner file to fine-tune (its config and tokenizer are kept)", on_resume="may_change"
+    )
+    resume: bool = option(False, "continue out_dir/last.pt exactly where it stopped", on_resume="may_change")
+    overwrite: bool = option(
+        False, "start afresh in an out_dir that holds a run, replacing its files", on_resume="may_change"
+    )
+    val_fraction: float = option(
+        0.1, "with no val split: this share of the photos (at least 10) held out, by name", on_resume="must_match"
+    )
     mix_data: str = option(
-        "", "a second data set mixed into training (e.g. the one --init-from learned from), to keep its world"
+        "",
+        "a second data set mixed into training (e.g. the one --init-from learned from), to keep its world",
+        on_resume="must_match",
     )
-    mix_weight: float = option(4.0, "photos from --mix-data for each training photo of --data (0.5: half as many)")
-    decoder: str = option("", "a GPT-2 hub id or folder for the decoder (empty: from scratch, caption tokenizer)")
-    vocab_size: int = option(0, "tokenizer size for a decoder from scratch (0: the preset's)")
-    encoder_weights: str = option("", "a local encoder state dict (.safetensors/.pth), e.g. from ../shared/weights")
-    encoder_pretrained: bool = option(False, "download the encoder's timm weights from the hub")
-    n_layer: int | None = option(None, "decoder blocks of a new model (empty: the preset's)")
-    n_head: int | None = option(None, "decoder attention heads of a new model (empty: the preset's)")
-    n_embd: int | None = option(None, "decoder width of a new model (empty: the preset's)")
-    dropout: float | None = option(None, "dropout of a new model (empty: the preset's)")
-    image_size: int | None = option(None, "the encoder's input size in pixels (empty: preset's/--init-from's)")
-    image_pool: int | None = option(None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)")
-    retrieval_k: int = option(0, "read the captions of the N nearest training photos (retrieval.py; 0: none)")
+    mix_weight: float = option(
+        4.0, "photos from --mix-data for each training photo of --data (0.5: half as many)", on_resume="must_match"
+    )
+    decoder: str = option(
+        "", "a GPT-2 hub id or folder for the decoder (empty: from scratch, caption tokenizer)", on_resume="must_match"
+    )
+    vocab_size: int = option(0, "tokenizer size for a decoder from scratch (0: the preset's)", on_resume="must_match")
+    encoder_weights: str = option(
+        "", "a local encoder state dict (.safetensors/.pth), e.g. from ../shared/weights", on_resume="must_match"
+    )
+    encoder_pretrained: bool = option(False, "download the encoder's timm weights from the hub", on_resume="must_match")
+    n_layer: int | None = option(None, "decoder blocks of a new model (empty: the preset's)", on_resume="must_match")
+    n_head: int | None = option(
+        None, "decoder attention heads of a new model (empty: the preset's)", on_resume="must_match"
+    )
+    n_embd: int | None = option(None, "decoder width of a new model (empty: the preset's)", on_resume="must_match")
+    dropout: float | None = option(None, "dropout of a new model (empty: the preset's)", on_resume="must_match")
+    image_size: int | None = option(
+        None, "the encoder's input size in pixels (empty: preset's/--init-from's)", on_resume="must_match"
+    )
+    image_pool: int | None = option(
+        None, "pool the decoder's patch grid by this (empty: preset's/--init-from's)", on_resume="must_match"
+    )
+    retrieval_k: int = option(
+        0, "read the captions of the N nearest training photos (retrieval.py; 0: none)", on_resume="must_match"
+    )
     unfreeze_blocks: int | None = option(
-        None, "train the encoder's last N blocks (0: frozen; empty: 4 for a new model, 0 for a fine-tune)"
+        None,
+        "train the encoder's last N blocks (0: frozen; empty: 4 for a new model, 0 for a fine-tune)",
+        on_resume="must_match",
     )
-    unfreeze_epoch: int = option(0, "epoch from which those blocks train (the decoder trains alone before)")
-    encoder_lr_scale: float = option(0.1, "encoder learning rate = lr x this")
-    cache_dir: str = option("~/.cache/image-captioner/features", "cache of the frozen blocks' tokens (empty: none)")
-    cache_blocks: int | None = option(None, "blocks before the cache point (empty: every frozen block)")
-    epochs: int = option(10, "epochs of the learning-rate schedule")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs)")
-    batch_size: int = option(32, "images per micro-batch per process")
+    unfreeze_epoch: int = option(
+        0, "epoch from which those blocks train (the decoder trains alone before)", on_resume="must_match"
+    )
+    encoder_lr_scale: float = option(0.1, "encoder learning rate = lr x this", on_resume="must_match")
+    cache_dir: str = option(
+        "~/.cache/image-captioner/features", "cache of the frozen blocks' tokens (empty: none)", on_resume="may_change"
+    )
+    cache_blocks: int | None = option(
+        None, "blocks before the cache point (empty: every frozen block)", on_resume="must_match"
+    )
+    epochs: int = option(10, "epochs of the learning-rate schedule", on_resume="must_match")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs)", on_resume="may_change")
+    batch_size: int = option(32, "images per micro-batch per process", on_resume="must_match")
     captions_per_image: int | None = option(
-        None, "captions trained per image per step (fewer are cycled; empty: 5, at most as many as the data has)"
+        None,
+        "captions trained per image per step (fewer are cycled; empty: 5, at most as many as the data has)",
+        on_resume="must_match",
     )
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float | None = option(None, "peak learning rate (AdamW; empty: 5e-4 for a new model, 1e-4 for a fine-tune)")
-    min_lr: float = option(1e-5, "the cosine schedule's floor")
+    grad_accum: int = option(1, "micro-batches per optimizer step", on_resume="must_match")
+    lr: float | None = option(
+        None, "peak learning rate (AdamW; empty: 5e-4 for a new model, 1e-4 for a fine-tune)", on_resume="must_match"
+    )
+    min_lr: float = option(1e-5, "the cosine schedule's floor", on_resume="must_match")
     warmup_steps: int | None = option(
-        None, "steps of linear warm-up (empty: 200, for a fine-tune at most a tenth of the run)"
+        None, "steps of linear warm-up (empty: 200, for a fine-tune at most a tenth of the run)", on_resume="must_match"
     )
-    weight_decay: float = option(0.05, "AdamW weight decay of matrices (never biases or norms)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.98, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
-    objective: Objective = option("cross_entropy", "cross_entropy, or scst: self-critical CIDEr-D (use --init-from)")
-    scst_samples: int = option(5, "captions sampled per image by scst, each baselined by the others' mean reward")
+    weight_decay: float = option(0.05, "AdamW weight decay of matrices (never biases or norms)", on_resume="must_match")
+    beta1: float = option(0.9, "AdamW beta1", on_resume="must_match")
+    beta2: float = option(0.98, "AdamW beta2", on_resume="must_match")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", on_resume="must_match")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", on_resume="must_match")
+    objective: Objective = option(
+        "cross_entropy", "cross_entropy, or scst: self-critical CIDEr-D (use --init-from)", on_resume="must_match"
+    )
+    scst_samples: int = option(
+        5, "captions sampled per image by scst, each baselined by the others' mean reward", on_resume="must_match"
+    )
     distill: float = option(
-        0.0, "weight of the ImageNet teacher's distillation loss (0: off; the teacher is in requirements-dev.txt)"
+        0.0,
+        "weight of the ImageNet teacher's distillation loss (0: off; the teacher is in requirements-dev.txt)",
+        on_resume="must_match",
     )
-    distill_temperature: float = option(2.0, "temperature softening the teacher's and the head's distributions")
-    flip: bool = option(True, "mirror training images at random (never those whose captions say left or right)")
-    max_caption_tokens: int = option(40, "longer training captions are cut")
-    eval_every: int = option(1, "epochs between validations (0: never); the last epoch is always validated")
-    eval_images: int = option(0, "validation images captioned for metrics each epoch (0: all)")
-    eval_beams: int = option(3, "beams of the validation captions")
-    log_every: int = option(20, "optimizer steps between log lines")
-    checkpoint_every: int = option(100, "optimizer steps between saves of last.pt within an epoch")
-    keep_epochs: bool = option(False, "also keep each epoch's weights as epoch-N.pt, e.g. to average the last ones")
-    seed: int = option(0, "seed of the model init and the data order")
-    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    distill_temperature: float = option(
+        2.0, "temperature softening the teacher's and the head's distributions", on_resume="must_match"
+    )
+    flip: bool = option(
+        True, "mirror training images at random (never those whose captions say left or right)", on_resume="must_match"
+    )
+    max_caption_tokens: int = option(40, "longer training captions are cut", on_resume="must_match")
+    eval_every: int = option(
+        1, "epochs between validations (0: never); the last epoch is always validated", on_resume="may_change"
+    )
+    eval_images: int = option(0, "validation images captioned for metrics each epoch (0: all)", on_resume="may_change")
+    eval_beams: int = option(3, "beams of the validation captions", on_resume="may_change")
+    log_every: int = option(20, "optimizer steps between log lines", on_resume="may_change")
+    checkpoint_every: int = option(
+        100, "optimizer steps between saves of last.pt within an epoch", on_resume="may_change"
+    )
+    keep_epochs: bool = option(
+        False, "also keep each epoch's weights as epoch-N.pt, e.g. to average the last ones", on_resume="may_change"
+    )
+    seed: int = option(0, "seed of the model init and the data order", on_resume="must_match")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...", on_resume="may_change")
     precision: TrainPrecision = option(
-        "auto", "autocast precision (auto: bfloat16 where native, float16 on older GPUs)"
+        "auto", "autocast precision (auto: bfloat16 where native, float16 on older GPUs)", on_resume="may_change"
     )
-    workers: int = option(4, "threads decoding images when they are not cached")
+    workers: int = option(4, "threads decoding images when they are not cached", on_resume="may_change")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.data, str) and bool(self.data), "data", self.data, "a data set path")

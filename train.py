@@ -63,16 +63,10 @@ from tokenizer import CaptionTokenizer, load_gpt2_tokenizer, train_caption_token
 
 logger = logging.getLogger("train")
 
-# Changing these between a run and its resumption would silently change what is being trained.
-RESUME_MUST_MATCH = (
-    "data", "train_splits", "preset", "decoder", "vocab_size", "encoder_weights", "n_layer", "n_head", "n_embd",
-    "dropout",
-    "image_size", "image_pool", "unfreeze_blocks", "unfreeze_epoch", "encoder_lr_scale", "cache_blocks", "batch_size",
-    "captions_per_image", "grad_accum",
-    "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "label_smoothing", "flip",
-    "max_caption_tokens", "seed", "objective", "scst_samples", "distill", "distill_temperature", "retrieval_k",
-    "mix_data", "mix_weight",
-)  # fmt: skip
+# Changing these between a run and its resumption would silently change what is being trained (config.option).
+RESUME_MUST_MATCH = tuple(
+    item.name for item in dataclasses.fields(TrainConfig) if item.metadata["on_resume"] == "must_match"
+)
 _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 

@@ -371,3 +371,14 @@ def test_a_fine_tune_with_mixed_in_data_trains_on_both_and_its_defaults_follow_t
     assert "mixing in 4 training photos" in caplog.text
     assert "captions_per_image=1" in caplog.text  # from the user's photos, not the mixed-in ones
     assert "8 train images" in caplog.text
+
+
+def test_every_training_setting_says_whether_a_resumed_run_may_change_it(tmp_path):
+    rules = {item.name: item.metadata.get("on_resume") for item in dataclasses.fields(TrainConfig)}
+    assert {name for name, rule in rules.items() if rule not in ("must_match", "may_change")} == set()
+    # epochs sets the cosine schedule's length: another --epochs on --resume would silently reshape it
+    assert rules["epochs"] == "must_match" and rules["max_steps"] == "may_change"
+    saved = dataclasses.asdict(TrainConfig(data="d", epochs=3))
+    with pytest.raises(CheckpointError, match=r"epochs \(3 there, 5 now\)"):
+        train.check_resumable(saved, TrainConfig(data="d", epochs=5), tmp_path / "last.pt")
+    train.check_resumable(saved, TrainConfig(data="d", epochs=3, max_steps=10, workers=1), tmp_path / "last.pt")

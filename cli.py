@@ -62,7 +62,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default="auto",
         help="precision of the weights; auto (the default): the one recorded with the model, where this machine "
-        "computes it natively, else float32 (README: Speed)",
+        "computes it natively, else float32 (docs/speed.md)",
     )
     parser.add_argument(
         "--datastore", default=None, metavar="FOLDER",

@@ -135,7 +135,7 @@ PRESETS: dict[str, ModelConfig] = {
     # image tokens) for a caption-sized decoder.
     "small": ModelConfig(image_pool=2),
     # The same encoder and image tokens with a wider decoder (8 heads of 64): +14% val CIDEr after 2 epochs in
-    # the README's decoder trial, for about 17% more training time.
+    # the decoder trial in docs/experiments.md, for about 17% more training time.
     "small-wide": ModelConfig(image_pool=2, n_embd=512, n_head=8),
     # The classic design: ViT-B/16 and GPT-2 124M, for users who can download both from the hub.
     "vit-gpt2": ModelConfig(

@@ -85,7 +85,7 @@ def choose_precision(
                 name: {metric: round(value, 4) for metric, value in values.items()} for name, values in scores.items()
             },
             "precision_split": arguments.split,
-            # float32's scores are the model's scores (README: model card), as --save-metrics records them
+            # float32's scores are the model's scores (docs/model-card.md), as --save-metrics records them
             "metrics": {name: round(value, 4) for name, value in scores["float32"].items()},
             "metrics_split": arguments.split,
             "metrics_images": len(captions),

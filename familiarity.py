@@ -6,7 +6,7 @@ inverse covariance: a few hundred kilobytes) and the Mahalanobis distances of it
 familiarity is the share of validation photos at least as far from the training photos as it is: 0.5 is a typical
 Flickr8k photo, 0.01 one that only 1% of them match in strangeness. Photos below `flagged_share` are flagged.
 
-The feature is the encoder's class token: chosen by measurement (README: the unfamiliar-photo signal) over the
+The feature is the encoder's class token: chosen by measurement (docs/familiarity.md) over the
 nearest-neighbour cosine of the class token, of the mean patch token, and of the decoder's image tokens.
 """
 

@@ -62,7 +62,7 @@ def release(
     `source` is one training checkpoint, or several of one model, whose weights are averaged (`average_captioners`).
 
     With `image_size`, the model takes photos of that size (its position embedding resampled, `with_image_layout`):
-    fewer patches make the encoder faster, at a cost in caption quality to measure on the val split (README: Speed).
+    fewer patches make the encoder faster, at a cost in caption quality to measure on the val split (docs/speed.md).
     What the file recorded about its captions and features (scores, precisions, familiarity) is then dropped: it
     was measured at the old size.
 

@@ -15,7 +15,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INT8 = "int8"
 BFLOAT16_INT8 = "bfloat16-int8"
 QUANTIZED = {INT8: torch.float32, BFLOAT16_INT8: torch.bfloat16}  # int8 decoder weights, and the compute dtype
-# Fastest first, for one photo end to end (README: Speed): what "auto" tries, in this order. On our CPU bfloat16
+# Fastest first, for one photo end to end (docs/speed.md): what "auto" tries, in this order. On our CPU bfloat16
 # beats int8 because it halves the encoder's time too, where int8 only shrinks the decoder; bfloat16 with int8
 # decoder weights beats both. Without native bfloat16, int8 beats float32.
 SPEED_ORDER = (BFLOAT16_INT8, "bfloat16", "float16", INT8, "float32")
@@ -175,7 +175,7 @@ class Int8WeightLinear(nn.Module):
 
     Weight-only: the activations stay bfloat16 and torch's `_weight_int8pack_mm` (the kernel torchao's weight-only
     int8 uses) multiplies them by the int8 weight directly. It is quick for the few rows of one photo's decoding step
-    (the shipped model decodes a photo in 43 ms against bfloat16's 64, README: Speed) and slower than bfloat16's
+    (the shipped model decodes a photo in 43 ms against bfloat16's 64, docs/speed.md) and slower than bfloat16's
     matrix product for the many rows of a batch.
     """
 

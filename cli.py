@@ -11,14 +11,21 @@ from config import PRECISIONS
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (), only_given: bool = False
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    exclude: tuple[str, ...] = (),
+    only_given: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Add `--field-name` for every field of the dataclass `cls`, with the field's help.
 
     Args:
         only_given: leave flags the user did not give out of the parsed namespace (instead of filling in the
             dataclass defaults), so that they can override another set of defaults, e.g. a model's own.
+        defaults: values that replace the dataclass defaults (a recipe file's), required fields included.
     """
+    defaults = defaults or {}
     for item in dataclasses.fields(cls):
         if item.name in exclude:
             continue
@@ -29,12 +36,12 @@ def add_arguments(
             choices, annotation = typing.get_args(annotation), str
         elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
             annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-        required = item.default is dataclasses.MISSING
+        default = defaults.get(item.name, item.default)
         options: dict[str, Any] = {"help": item.metadata.get("help")}
-        if required:
+        if default is dataclasses.MISSING:
             options["required"] = True
         else:
-            options["default"] = argparse.SUPPRESS if only_given else item.default
+            options["default"] = argparse.SUPPRESS if only_given else default
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         else:

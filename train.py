@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from checkpoint import (
     set_rng_state,
 )
 from cli import add_arguments, from_arguments
-from config import PRESETS, DecodeConfig, TrainConfig
+from config import PRESETS, DecodeConfig, ModelConfig, TrainConfig
 from data import CaptionedImage, DataError, load_captions
 from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
@@ -577,11 +578,22 @@ def _readable(path: Path) -> bool:
 # ---- building, resuming, optimizing ----
 
 
+# The training settings that shape a new model: those named like a ModelConfig field. Two are applied apart: the
+# vocabulary is the tokenizer's size, and retrieval is added to any model (`with_retrieval`).
+MODEL_OVERRIDES = tuple(
+    sorted(
+        (
+            {item.name for item in dataclasses.fields(TrainConfig)}
+            & {item.name for item in dataclasses.fields(ModelConfig)}
+        )
+        - {"vocab_size", "retrieval_k"}
+    )
+)
+
+
 def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[CaptionModel, CaptionTokenizer]:
     preset = PRESETS[config.preset]
-    overrides = {
-        name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "dropout", "image_size", "image_pool")
-    }
+    overrides = {name: getattr(config, name) for name in MODEL_OVERRIDES}
     base = dataclasses.replace(preset, **{name: value for name, value in overrides.items() if value is not None})
     if config.decoder:
         tokenizer = load_gpt2_tokenizer(config.decoder)
@@ -600,6 +612,21 @@ def build_new(config: TrainConfig, train_items: list[CaptionedImage]) -> tuple[C
     if model.config.vocab_size != tokenizer.vocab_size:
         raise DataError(f"decoder vocabulary {model.config.vocab_size} != tokenizer's {tokenizer.vocab_size}")
     return model, tokenizer
+
+
+def read_recipe(path: Path) -> dict:
+    """A recipe file's settings: a JSON object whose keys are TrainConfig fields (a "//" key may say what it is)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a JSON object of training settings")
+    values.pop("//", None)
+    unknown = sorted(set(values) - {item.name for item in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)} (python train.py --help lists them)")
+    return values
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
@@ -753,10 +780,19 @@ def _append_csv(path: Path, metrics: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument(
+        "--config", type=Path, help="a recipe: a JSON object of these settings (configs/); flags override it"
     )
-    add_arguments(parser, TrainConfig)
+    known, _ = recipe.parse_known_args(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[recipe]
+    )
+    try:
+        defaults = read_recipe(known.config) if known.config else {}
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    add_arguments(parser, TrainConfig, defaults=defaults)
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -382,3 +382,33 @@ def test_every_training_setting_says_whether_a_resumed_run_may_change_it(tmp_pat
     with pytest.raises(CheckpointError, match=r"epochs \(3 there, 5 now\)"):
         train.check_resumable(saved, TrainConfig(data="d", epochs=5), tmp_path / "last.pt")
     train.check_resumable(saved, TrainConfig(data="d", epochs=3, max_steps=10, workers=1), tmp_path / "last.pt")
+
+
+def test_the_shipped_recipe_runs_from_its_config_files_with_flags_overriding_them(tmp_path, photos, caplog):
+    """Both stages of the shipped recipe (configs/), on four photos for two steps each, stage 2 from stage 1's
+    checkpoint: each file's preset, objective and schedule reach training; the flags given override the file."""
+    small = ["--data", str(photos), "--max-steps", "2", "--batch-size", "2", "--cache-dir", "", "--eval-every", "0",
+             "--encoder-weights", "", "--workers", "1"]  # fmt: skip
+    stages = sorted((ROOT / "configs").glob("shipped-*.json"))
+    assert [path.name for path in stages] == ["shipped-1-cross-entropy.json", "shipped-2-self-critical.json"]
+    first = ["--config", str(stages[0]), "--out-dir", str(tmp_path / "stage-1"), *small]
+    second = ["--config", str(stages[1]), "--out-dir", str(tmp_path / "stage-2"), *small]
+    with caplog.at_level("INFO", logger="train"):
+        assert train.main(first) == 0
+        assert train.main([*second, "--init-from", str(tmp_path / "stage-1" / "last.pt")]) == 0
+    configs = [record.getMessage() for record in caplog.records if record.getMessage().startswith("config: ")]
+    for stage, config in zip(stages, configs, strict=True):
+        settings = train.read_recipe(stage)
+        for name in ("preset", "objective", "unfreeze_blocks", "epochs", "lr", "warmup_steps"):
+            if name in settings:
+                assert f"{name}={settings[name]!r}" in config, (stage.name, name)
+        assert "max_steps=2" in config and "batch_size=2" in config  # the flags win over the file
+    assert (tmp_path / "stage-2" / "last.pt").is_file()
+
+
+def test_a_recipe_with_an_unknown_setting_is_refused_in_one_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"epochs": 3, "learning_rate": 0.1}')
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(recipe), "--data", "d"])
+    assert "unknown settings learning_rate" in capsys.readouterr().err

@@ -275,27 +275,27 @@ def end_to_end_report(
             pipelines.append(("ours, default" if precision == default else "ours", precision, captioner))
     rows, reference = [], None
     for name, precision, captioner in pipelines:
-        run = theirs if captioner is None else ours(captioner)
-        run(photos[:1])  # warm-up
-        single, texts = [], []
-        for photo in photos:
-            started = time.perf_counter()
-            texts += run([photo])
-            single.append(time.perf_counter() - started)
-        run(photos[:batch_size])  # warm-up at the folder batch size
-        started = time.perf_counter()
-        run(photos)
-        folder = time.perf_counter() - started
+        row, texts = _timed_pipeline(theirs if captioner is None else ours(captioner), photos, batch_size)
         reference = texts if reference is None else reference
         parts = _parts(captioner, config, photos, batch_size) if captioner is not None else {}
-        rows.append(
-            {
-                "pipeline": name, "precision": precision, "latency_ms": statistics.median(single) * 1000,
-                "images_per_s": len(photos) / folder,
-                "same": sum(a == b for a, b in zip(texts, reference, strict=True)), "images": len(photos), **parts,
-            }
-        )  # fmt: skip
+        same = sum(a == b for a, b in zip(texts, reference, strict=True))
+        rows.append({"pipeline": name, "precision": precision, **row, "same": same, "images": len(photos), **parts})
     return rows
+
+
+def _timed_pipeline(run: Callable[[Sequence], list[str]], photos: Sequence, batch_size: int) -> tuple[dict, list]:
+    """One-image latency (the median over the photos, each alone) and folder throughput of `run`, and its captions."""
+    run(photos[:1])  # warm-up
+    single, texts = [], []
+    for photo in photos:
+        started = time.perf_counter()
+        texts += run([photo])
+        single.append(time.perf_counter() - started)
+    run(photos[:batch_size])  # warm-up at the folder batch size
+    started = time.perf_counter()
+    run(photos)
+    folder = time.perf_counter() - started
+    return {"latency_ms": statistics.median(single) * 1000, "images_per_s": len(photos) / folder}, texts
 
 
 HEADER = (
@@ -344,6 +344,22 @@ def _row(row: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if arguments.labels:
+        return _print_labels(arguments)
+    if arguments.datastore_entries:
+        return _print_retrieval(arguments)
+    if arguments.end_to_end:
+        return _print_end_to_end(arguments)
+    if arguments.speculative:
+        if arguments.draft_order and arguments.data is None:
+            parser.error("--draft-order builds a table from --data's training captions: pass --data")
+        return _print_speculative(arguments)
+    return _print_decoders(arguments)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under a minute on 2 cores)")
     parser.add_argument("--presets", nargs="+", default=["small", "vit-gpt2"], choices=sorted(PRESETS))
@@ -378,68 +394,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--labels", action="store_true", help="instead: the encoder's time with and without the ImageNet labels"
     )
-    arguments = parser.parse_args(argv)
-    if arguments.labels:
-        report = labels_report(arguments.model, arguments.repeats or 10)
-        print(f"{torch.get_num_threads()} threads, the encoder in {report['precision']}, the recogniser in float32")
-        print("| photos at once | encoder, ms a photo | encoder and labels, ms a photo | labels add, ms a photo |")
-        print("|---|---|---|---|")
-        for batch in (1, 16):
-            plain, labelled = report[(batch, False)], report[(batch, True)]
-            print(f"| {batch} | {plain:.1f} | {labelled:.1f} | {labelled - plain:.1f} |")
-        return 0
-    if arguments.datastore_entries:
-        report = retrieval_report(arguments.datastore_entries, arguments.repeats or 20)
+    return parser
+
+
+def _print_labels(arguments: argparse.Namespace) -> int:
+    """The encoder's time with and without the ImageNet labels."""
+    report = labels_report(arguments.model, arguments.repeats or 10)
+    print(f"{torch.get_num_threads()} threads, the encoder in {report['precision']}, the recogniser in float32")
+    print("| photos at once | encoder, ms a photo | encoder and labels, ms a photo | labels add, ms a photo |")
+    print("|---|---|---|---|")
+    for batch in (1, 16):
+        plain, labelled = report[(batch, False)], report[(batch, True)]
+        print(f"| {batch} | {plain:.1f} | {labelled:.1f} | {labelled - plain:.1f} |")
+    return 0
+
+
+def _print_retrieval(arguments: argparse.Namespace) -> int:
+    """The nearest-photo search at --datastore-entries photos."""
+    report = retrieval_report(arguments.datastore_entries, arguments.repeats or 20)
+    print(
+        f"datastore of {report['entries']:,} photos, 4 nearest by exact search, {torch.get_num_threads()} threads: "
+        f"{report['one_ms']:.1f} ms for one photo, {report['batch_ms']:.2f} ms a photo in batches of 16"
+    )
+    return 0
+
+
+def _print_end_to_end(arguments: argparse.Namespace) -> int:
+    """JPEG to caption, ours in each precision against timm + transformers."""
+    rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size, arguments.also)
+    base = rows[0]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rows[0]['images']} photos, the model's "
+        f"default decoding; folders in batches of {arguments.batch_size}"
+    )
+    print(
+        "| pipeline | precision | one image, median ms | speed-up | folder images/s | speed-up "
+        "| captions same as timm + transformers |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
         print(
-            f"datastore of {report['entries']:,} photos, 4 nearest by exact search, {torch.get_num_threads()} threads: "
-            f"{report['one_ms']:.1f} ms for one photo, {report['batch_ms']:.2f} ms a photo in batches of 16"
+            f"| {row['pipeline']} | {row['precision']} | {row['latency_ms']:.0f} | "
+            f"{base['latency_ms'] / row['latency_ms']:.2f}x | {row['images_per_s']:.1f} | "
+            f"{row['images_per_s'] / base['images_per_s']:.2f}x | {row['same']}/{row['images']} |"
         )
-        return 0
-    if arguments.end_to_end:
-        rows = end_to_end_report(arguments.model, arguments.data, arguments.limit, arguments.batch_size, arguments.also)
-        base = rows[0]
+    print()
+    print(
+        "| ours, precision | reading and resizing, ms | encoder, ms | decoding, ms "
+        "| folder batch: encoder, ms a photo | folder batch: decoding, ms a photo |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows[1:]:
         print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rows[0]['images']} photos, the model's "
-            f"default decoding; folders in batches of {arguments.batch_size}"
+            f"| {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | {row['decode_ms']:.0f} | "
+            f"{row['batch_encode_ms']:.1f} | {row['batch_decode_ms']:.1f} |"
         )
-        print(
-            "| pipeline | precision | one image, median ms | speed-up | folder images/s | speed-up "
-            "| captions same as timm + transformers |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        for row in rows:
-            print(
-                f"| {row['pipeline']} | {row['precision']} | {row['latency_ms']:.0f} | "
-                f"{base['latency_ms'] / row['latency_ms']:.2f}x | {row['images_per_s']:.1f} | "
-                f"{row['images_per_s'] / base['images_per_s']:.2f}x | {row['same']}/{row['images']} |"
-            )
-        print()
-        print(
-            "| ours, precision | reading and resizing, ms | encoder, ms | decoding, ms "
-            "| folder batch: encoder, ms a photo | folder batch: decoding, ms a photo |"
-        )
-        print("|---|---|---|---|---|---|")
-        for row in rows[1:]:
-            print(
-                f"| {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | {row['decode_ms']:.0f} | "
-                f"{row['batch_encode_ms']:.1f} | {row['batch_decode_ms']:.1f} |"
-            )
-        return 0
-    if arguments.speculative:
-        if arguments.draft_order and arguments.data is None:
-            parser.error("--draft-order builds a table from --data's training captions: pass --data")
-        report = speculative_report(
-            arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype], arguments.draft_order,
-            arguments.draft_tokens,
-        )  # fmt: skip
-        print(
-            f"{report['images']} images, {arguments.dtype}, greedy one image at a time, draft of "
-            f"{arguments.draft_tokens} tokens: identical ids for "
-            f"{report['same']} of {report['images']}; {report['tokens_per_pass']:.2f} tokens per decoder pass; "
-            f"plain {report['plain_ms']:.1f} ms, speculative {report['speculative_ms']:.1f} ms a caption "
-            f"({report['plain_ms'] / report['speculative_ms']:.2f}x)"
-        )
-        return 0
+    return 0
+
+
+def _print_speculative(arguments: argparse.Namespace) -> int:
+    """Plain against speculative greedy decoding on a trained model."""
+    report = speculative_report(
+        arguments.model, arguments.data, arguments.limit, DTYPES[arguments.dtype], arguments.draft_order,
+        arguments.draft_tokens,
+    )  # fmt: skip
+    print(
+        f"{report['images']} images, {arguments.dtype}, greedy one image at a time, draft of "
+        f"{arguments.draft_tokens} tokens: identical ids for "
+        f"{report['same']} of {report['images']}; {report['tokens_per_pass']:.2f} tokens per decoder pass; "
+        f"plain {report['plain_ms']:.1f} ms, speculative {report['speculative_ms']:.1f} ms a caption "
+        f"({report['plain_ms'] / report['speculative_ms']:.2f}x)"
+    )
+    return 0
+
+
+def _print_decoders(arguments: argparse.Namespace) -> int:
+    """Our decoder against transformers' generate(), preset by preset."""
     new_tokens = arguments.new_tokens or (10 if arguments.quick else 20)
     repeats = arguments.repeats or (1 if arguments.quick else 5)
     print(

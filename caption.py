@@ -300,22 +300,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, columns = _labelled(captioner, plan, arguments, failures), LABEL_COLUMNS
     else:
         rows, columns = _captioned(captioner, config, plan, arguments, failures, unfamiliar), CAPTION_COLUMNS
+    if not _written(_lines(rows, arguments.output_format, columns), arguments.output):
+        return 2
+    report(unfamiliar, failures)
+    return 1 if failures else 0
+
+
+def _written(lines: Iterator[str], output: Path | None) -> bool:
+    """Write the output lines to `output` (atomically, once every row is made) or to stdout as they come; whether
+    that went through (a one-line error says why not)."""
     try:
-        if arguments.output:
-            lines = list(_lines(rows, arguments.output_format, columns))  # every row, whatever failed on the way
-            atomic_write(arguments.output, lambda temporary: Path(temporary).write_text("".join(lines)))
+        if output:
+            text = "".join(lines)  # every row, whatever failed on the way
+            atomic_write(output, lambda temporary: Path(temporary).write_text(text))
         else:
-            for line in _lines(rows, arguments.output_format, columns):
+            for line in lines:
                 sys.stdout.write(line)
                 sys.stdout.flush()
     except ValueError as error:  # decoding options the model cannot honour (e.g. too many tokens)
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return False
     except OSError as error:
-        print(f"error: cannot write {display(arguments.output)} ({error.strerror or error})", file=sys.stderr)
-        return 2
-    report(unfamiliar, failures)
-    return 1 if failures else 0
+        print(f"error: cannot write {display(output)} ({error.strerror or error})", file=sys.stderr)
+        return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -363,7 +363,11 @@ class TrainConfig:
     workers: int = option(4, "threads decoding images when they are not cached", on_resume="may_change")
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.data, str) and bool(self.data), "data", self.data, "a data set path")
+        self._check_numbers()
+        self._check_choices()
+
+    def _check_numbers(self) -> None:
+        """Each number in its range."""
         for name in (
             "epochs",
             "batch_size",
@@ -393,12 +397,19 @@ class TrainConfig:
         _require_finite("beta2", self.beta2, 0.0, 0.9999, "in [0, 1)")
         _require_finite("grad_clip", self.grad_clip, 0.0, 1e6, "non-negative (0: no clipping)")
         _require_finite("label_smoothing", self.label_smoothing, 0.0, 0.5, "in [0, 0.5]")
+        _require_finite("distill", self.distill, 0.0, 100.0, "in [0, 100]")
+        _require_finite("distill_temperature", self.distill_temperature, 0.1, 100.0, "in [0.1, 100]")
+        for name in ("image_size", "image_pool"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
+
+    def _check_choices(self) -> None:
+        """Each named choice known, and the settings that exclude each other not set together."""
+        _require(isinstance(self.data, str) and bool(self.data), "data", self.data, "a data set path")
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
         _require(self.objective in typing.get_args(Objective), "objective", self.objective, "cross_entropy or scst")
         ok = isinstance(self.scst_samples, int) and 2 <= self.scst_samples <= 16
         _require(ok, "scst_samples", self.scst_samples, "a whole number in [2, 16] (each sample needs others)")
-        _require_finite("distill", self.distill, 0.0, 100.0, "in [0, 100]")
-        _require_finite("distill_temperature", self.distill_temperature, 0.1, 100.0, "in [0.1, 100]")
         _require(
             not (self.distill and self.objective != "cross_entropy"), "distill", self.distill,
             "0 with --objective scst (distillation goes with cross-entropy training)",
@@ -418,9 +429,6 @@ class TrainConfig:
         _require(self.precision in TRAIN_PRECISIONS, "precision", self.precision, "/".join(TRAIN_PRECISIONS))
         _require(not (self.resume and self.init_from), "init_from", self.init_from, "empty when resuming")
         _require(not (self.resume and self.overwrite), "overwrite", self.overwrite, "off when resuming")
-        for name in ("image_size", "image_pool"):
-            if getattr(self, name) is not None:
-                _require_positive_int(name, getattr(self, name))
         if self.cache_blocks is not None:
             _require(
                 isinstance(self.cache_blocks, int) and self.cache_blocks >= 1,

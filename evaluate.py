@@ -147,6 +147,82 @@ def _sweep_values(text: str) -> tuple[str, list]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        require_java()
+        options = given_arguments(DecodeConfig, arguments)
+        DecodeConfig(**options)  # bad flags fail before the model loads
+        items = load_split(arguments.data, arguments.split)
+        if arguments.limit:
+            items = items[: arguments.limit]
+        if arguments.choose_precision:
+            arguments.dtype = "float32"  # the baseline the faster precisions are held to
+        captioner = captioner_from_args(arguments)
+        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
+    except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    encoded, references = encode_split(captioner, items, arguments.batch_size)
+    if not references:
+        print(
+            f"error: {arguments.data}: none of the {len(items)} '{arguments.split}' images could be read",
+            file=sys.stderr,
+        )
+        return 2
+    if arguments.choose_precision:
+        captions = caption_encoded(captioner, encoded, config)
+        return choose_precision(arguments, items, captioner, config, captions, references)
+    if arguments.ood:
+        return familiarity_report(captioner, encoded, config, arguments.ood, arguments.split, arguments.batch_size)
+    if arguments.sweep:
+        return sweep(captioner, encoded, config, references, arguments.sweep)
+    return score(captioner, encoded, config, references, arguments, argv)
+
+
+def sweep(
+    captioner: Captioner, encoded: list, config: DecodeConfig, references: dict, fields: list[tuple[str, list]]
+) -> int:
+    """Score every combination of the swept decoding values, printing a line each."""
+    for values in itertools.product(*(values for _, values in fields)):
+        setting = dict(zip((name for name, _ in fields), values, strict=True))
+        texts = caption_encoded(captioner, encoded, captioner.check(dataclasses.replace(config, **setting)))
+        scores = score_captions(references, texts)
+        label = " ".join(f"{name}={value}" for name, value in setting.items())
+        print(f"{label}: {format_metrics(scores)}  distinct {distinct_ratio(list(texts.values())):.0%}", flush=True)
+    return 0
+
+
+def score(
+    captioner: Captioner, encoded: list, config: DecodeConfig, references: dict, arguments: argparse.Namespace,
+    argv: Sequence[str] | None,
+) -> int:  # fmt: skip
+    """Caption and score the split; with --save-metrics record the scores, with --output write the captions."""
+    candidates = caption_encoded(captioner, encoded, config)
+    scores = score_captions(references, candidates)
+    print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
+    print(format_metrics(scores))
+    texts = list(candidates.values())
+    print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
+    if arguments.save_metrics:
+        update_metadata(
+            arguments.model or DEFAULT_MODEL,
+            {
+                "metrics": {name: round(value, 4) for name, value in scores.items()},
+                "metrics_split": arguments.split,
+                "metrics_images": len(texts),
+                "distinct_captions": round(distinct_ratio(texts), 4),
+                "metrics_command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            },
+        )
+    if arguments.output:
+        with open(arguments.output, "w", encoding="utf-8") as file:
+            for key, text in candidates.items():
+                file.write(json.dumps({"image": key, "caption": text, "references": references[key]}) + "\n")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -181,68 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(e.g. --sweep num_beams=3,5 length_penalty=1,2), to choose the default decoding on the val split",
     )
     add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    try:
-        require_java()
-        options = given_arguments(DecodeConfig, arguments)
-        DecodeConfig(**options)  # bad flags fail before the model loads
-        items = load_split(arguments.data, arguments.split)
-        if arguments.limit:
-            items = items[: arguments.limit]
-        if arguments.choose_precision:
-            arguments.dtype = "float32"  # the baseline the faster precisions are held to
-        captioner = captioner_from_args(arguments)
-        config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
-    except (JavaMissingError, ValueError, CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    encoded, references = encode_split(captioner, items, arguments.batch_size)
-    if not references:
-        print(
-            f"error: {arguments.data}: none of the {len(items)} '{arguments.split}' images could be read",
-            file=sys.stderr,
-        )
-        return 2
-
-    def caption_all(config: DecodeConfig) -> dict[str, str]:
-        return caption_encoded(captioner, encoded, config)
-
-    if arguments.choose_precision:
-        return choose_precision(arguments, items, captioner, config, caption_all(config), references)
-    if arguments.ood:
-        return familiarity_report(captioner, encoded, config, arguments.ood, arguments.split, arguments.batch_size)
-    if arguments.sweep:
-        for values in itertools.product(*(values for _, values in arguments.sweep)):
-            setting = dict(zip((name for name, _ in arguments.sweep), values, strict=True))
-            texts = caption_all(captioner.check(dataclasses.replace(config, **setting)))
-            scores = score_captions(references, texts)
-            label = " ".join(f"{name}={value}" for name, value in setting.items())
-            print(f"{label}: {format_metrics(scores)}  distinct {distinct_ratio(list(texts.values())):.0%}", flush=True)
-        return 0
-    candidates = caption_all(config)
-    scores = score_captions(references, candidates)
-    print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
-    print(format_metrics(scores))
-    texts = list(candidates.values())
-    print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
-    if arguments.save_metrics:
-        update_metadata(
-            arguments.model or DEFAULT_MODEL,
-            {
-                "metrics": {name: round(value, 4) for name, value in scores.items()},
-                "metrics_split": arguments.split,
-                "metrics_images": len(texts),
-                "distinct_captions": round(distinct_ratio(texts), 4),
-                "metrics_command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            },
-        )
-    if arguments.output:
-        with open(arguments.output, "w", encoding="utf-8") as file:
-            for key, text in candidates.items():
-                file.write(json.dumps({"image": key, "caption": text, "references": references[key]}) + "\n")
-    return 0
+    return parser
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 INSTALL = "pip install -r requirements-scale.txt"
 SHARD_FORMATS = ("jsonl", "parquet")
 CPU_BATCH, GPU_BATCH = 16, 64  # photos an actor captions at once, where --batch-size is not given
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "http://", "https://")
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "http://", "https://", "file://")
 
 
 def is_uri(path: str) -> bool:
@@ -226,7 +226,8 @@ def _captioned_rows(
     gpus = arguments.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= arguments.actors else 0
-    cpus_per_actor = arguments.cpus_per_actor or max(1, int(cpus // arguments.actors))
+    # Ray's read tasks for URIs each need a CPU the actors do not hold, or the job waits for ever.
+    cpus_per_actor = arguments.cpus_per_actor or max(1, int((cpus - bool(uris)) // arguments.actors))
     batch_size = arguments.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
     datasets = []
     if plan.images:

@@ -87,3 +87,20 @@ def test_without_ray_the_engine_says_in_one_line_how_to_install_it(tmp_path, pho
         "error: --engine ray needs Ray Data, which is not installed: pip install -r requirements-scale.txt\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_photos_read_by_ray_from_a_uri_are_captioned_and_resumed(tmp_path, photos, model_file):
+    """A `file://` URI takes the object-store path (Ray reads the bytes, the actor decodes them)."""
+    pytest.importorskip("ray")
+    output = tmp_path / "shards"
+    command = _ray_command(f"file://{photos}", output, model_file)
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1, first.stderr[-2000:]  # the broken photo
+    rows = finished_rows(output)
+    assert sorted(rows) == sorted(str(path) for path in photos.iterdir())
+    assert rows[str(photos / "broken.jpg")]["error"].endswith("not an image format this tool reads "
+                                                              "(JPEG, PNG, GIF, WebP, BMP, TIFF)")  # fmt: skip
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert f"resuming: {len(rows)} photo(s) already in" in again.stderr
+    assert sum(len(read_shard(shard)) for shard in output.glob("part-*")) == len(rows)  # nothing written twice

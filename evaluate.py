@@ -75,7 +75,10 @@ def choose_precision(
     for name, values in scores.items():
         print(f"{name}: {format_metrics(values)}")
     accepted = qualifying_precisions(scores)
-    print(f"recorded precision: {accepted[0]} (at most 0.01 below float32, fastest first: {', '.join(accepted)})")
+    verb = "recorded" if arguments.record else "qualifying (--record writes it into the model file)"
+    print(f"{verb} precision: {accepted[0]} (at most 0.01 below float32, fastest first: {', '.join(accepted)})")
+    if not arguments.record:
+        return 0
     update_metadata(
         arguments.model or DEFAULT_MODEL,
         {
@@ -85,7 +88,7 @@ def choose_precision(
                 name: {metric: round(value, 4) for metric, value in values.items()} for name, values in scores.items()
             },
             "precision_split": arguments.split,
-            # float32's scores are the model's scores (docs/model-card.md), as --save-metrics records them
+            # float32's scores are the model's scores (docs/model-card.md), as plain scoring records them
             "metrics": {name: round(value, 4) for name, value in scores["float32"].items()},
             "metrics_split": arguments.split,
             "metrics_images": len(captions),
@@ -197,14 +200,15 @@ def score(
     captioner: Captioner, encoded: list, config: DecodeConfig, references: dict, arguments: argparse.Namespace,
     argv: Sequence[str] | None,
 ) -> int:  # fmt: skip
-    """Caption and score the split; with --save-metrics record the scores, with --output write the captions."""
+    """Caption and score the split; with --record write the scores into the model file, with --output the captions
+    into a JSONL file."""
     candidates = caption_encoded(captioner, encoded, config)
     scores = score_captions(references, candidates)
     print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
     print(format_metrics(scores))
     texts = list(candidates.values())
     print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
-    if arguments.save_metrics:
+    if arguments.record:
         update_metadata(
             arguments.model or DEFAULT_MODEL,
             {
@@ -233,7 +237,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
     parser.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
     parser.add_argument(
-        "--save-metrics", action="store_true", help="record the scores in the model file's metadata (its card)"
+        "--record",
+        action="store_true",
+        help="write the scores (with --choose-precision: the qualifying precisions) into the model file's metadata;\n"
+        "nothing else rewrites a model file",
     )
     parser.add_argument(
         "--ood",
@@ -245,8 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--choose-precision",
         action="store_true",
-        help="score float32, this machine's native half precision and int8; record in the model file those\n"
-        "whose CIDEr and BLEU-4 are at most 0.01 below float32's, fastest first (what --dtype auto then uses)",
+        help="score float32, this machine's native half precision and int8; print those whose CIDEr and BLEU-4\n"
+        "are at most 0.01 below float32's, fastest first (with --record: what --dtype auto then uses)",
     )
     parser.add_argument(
         "--sweep",

@@ -75,7 +75,7 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
     (tmp_path / "data" / "test" / "broken.txt").write_text("a broken photo\n")
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--split", "test"]
-    argv += ["--strategy", "greedy", "--max-new-tokens", "5", "--output", str(tmp_path / "out.jsonl"), "--save-metrics"]
+    argv += ["--strategy", "greedy", "--max-new-tokens", "5", "--output", str(tmp_path / "out.jsonl"), "--record"]
     assert evaluate.main(argv) == 0
     printed, warned = capsys.readouterr()
     assert "test: 2 images" in printed and "CIDEr" in printed and "distinct captions" in printed
@@ -107,7 +107,11 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16"} if native else set())  # the CPU's report, simulated
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
+    before = (tmp_path / "model.pt").read_bytes()
     assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
+    assert (tmp_path / "model.pt").read_bytes() == before  # nothing rewrites a model file without --record
+    assert "qualifying (--record writes it into the model file) precision:" in capsys.readouterr().out
+    assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision", "--record"]) == 0
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
     assert set(scores) == {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())

@@ -144,9 +144,7 @@ class Captioner:
 
     def _class_tokens_of(self, paths: list[Path]) -> Tensor:
         rows = [
-            self.encode_pixels(self.transform([load_image(path) for path in paths[start : start + 16]]))
-            .class_tokens.float()
-            .cpu()
+            self.encode(paths[start : start + 16], labels=False).class_tokens.float().cpu()
             for start in range(0, len(paths), 16)
         ]
         return torch.cat(rows)

@@ -64,12 +64,12 @@ def read_keywords(path: str | os.PathLike) -> list[str]:
 
 def embed_description(
     source: str | os.PathLike,
-    text: str | None,
+    text: str,
     destination: str | os.PathLike | None = None,
     keywords: Sequence[str] = (),
 ) -> None:
-    """Write `text` as the description of the image at `source` (None: leave it as it is), and `keywords` (where
-    given) as its XMP dc:subject and IPTC Keywords, into `destination` (default: `source` itself).
+    """Write `text` as the description of the image at `source`, and `keywords` (where given) as its XMP dc:subject
+    and IPTC Keywords, into `destination` (default: `source` itself).
 
     The file is replaced atomically (a symbolic link is followed and kept) and keeps its permissions; a failure
     leaves it as it was.
@@ -80,8 +80,7 @@ def embed_description(
         raise MetadataError(f"{name}: captions can be embedded in JPEG, PNG and WebP files only (use --sidecar)")
     try:
         with pyexiv2.ImageData(Path(name).read_bytes()) as image:
-            if text is not None:
-                _write_description(image, text, suffix)
+            _write_description(image, text, suffix)
             if keywords:
                 image.modify_xmp({_XMP_KEYWORDS: list(keywords)})
                 if keywords_fit_iptc(keywords):

@@ -113,7 +113,7 @@ def class_tokens(captioner: Captioner, images: Sequence, batch_size: int = 32) -
         readable += [start + i for i, picture in enumerate(loaded) if not isinstance(picture, ImageError)]
         pictures = [picture for picture in loaded if not isinstance(picture, ImageError)]
         if pictures:
-            features.append(captioner.encode_pixels(captioner.transform(pictures)).class_tokens.float())
+            features.append(captioner.encode(pictures, labels=False).class_tokens.float())
     return torch.cat(features), readable
 
 

@@ -94,8 +94,16 @@ def label_row(image: str, labels: Sequence[Label]) -> dict:
     return {"image": image, "labels": [{"label": label.name, "probability": label.probability} for label in labels]}
 
 
-def keywords(labels: Sequence[Label]) -> list[str]:
-    return [label.name for label in labels if label.probability >= KEYWORD_PROBABILITY]
+def keywords(labels: Sequence[dict]) -> list[str]:
+    """The names of a row's `labels` (`label_row`) that are at least KEYWORD_PROBABILITY probable (--keywords)."""
+    return [label["label"] for label in labels if label["probability"] >= KEYWORD_PROBABILITY]
+
+
+def labels_problem(captioner: Captioner, arguments: argparse.Namespace) -> str | None:
+    """Why the flags asking for labels cannot be honoured by this model, if they cannot."""
+    if (arguments.labels_only or arguments.keywords) and captioner.recogniser is None:
+        return f"{arguments.model or 'the model'} has no ImageNet recogniser for labels (hub.py release --labels)"
+    return None
 
 
 def _lines(rows: Iterator[dict], output_format: str, columns: Sequence[str]) -> Iterator[str]:
@@ -288,10 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         captioner = captioner_from_args(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
-        if (arguments.labels_only or arguments.keywords) and captioner.recogniser is None:
-            raise ValueError(
-                f"{arguments.model or 'the model'} has no ImageNet recogniser for labels (hub.py release --labels)"
-            )
+        if problem := labels_problem(captioner, arguments):
+            raise ValueError(problem)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -435,12 +441,13 @@ def _captioned(
             failures.append(display(str(result)))
             continue
         text = with_affixes(result.text, arguments)
-        if failure := write_caption(path, text, plan, keywords(result.labels) if arguments.keywords else ()):
+        row = caption_row(display(path), text, result)
+        if failure := write_caption(path, text, plan, keywords(row["labels"]) if arguments.keywords else ()):
             failures.append(failure)
             continue
         if result.unfamiliar:
             unfamiliar.append(display(path))
-        yield caption_row(display(path), text, result)
+        yield row
     progress.close()
 
 

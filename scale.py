@@ -23,7 +23,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from caption import Plan, caption_row, display, expand_paths, plan_outputs, report, with_affixes, write_caption
+from caption import (
+    Plan,
+    caption_row,
+    display,
+    expand_paths,
+    keywords,
+    labels_problem,
+    plan_outputs,
+    report,
+    with_affixes,
+    write_caption,
+)
+from checkpoint import CheckpointError
 from files import atomic_write
 from images import IMAGE_SUFFIXES, ImageError, load_image
 
@@ -153,7 +165,11 @@ def caption_on_ray(arguments: argparse.Namespace, options: dict) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     output.mkdir(parents=True, exist_ok=True)
-    done = finished_rows(output)
+    try:
+        done = finished_rows(output)
+    except (ValueError, KeyError, TypeError, OSError) as error:  # pyarrow's errors are ValueErrors
+        print(f"error: {display(output)} holds a file that is not a shard of this command ({error})", file=sys.stderr)
+        return 2
     uris = [path for path in arguments.paths if is_uri(path)]
     local, missing, not_images = expand_paths([path for path in arguments.paths if not is_uri(path)])
     failures = [f"{display(argument)}: no such file, folder or matching glob" for argument in missing]
@@ -170,7 +186,7 @@ def caption_on_ray(arguments: argparse.Namespace, options: dict) -> int:
     unfamiliar: list[str] = []
     index = 1 + max((int(shard.name[5:10]) for shard in output.glob("part-*")), default=-1)
     for captioned in _captioned_rows(ray, arguments, options, plan, uris, set(done)):
-        rows = [_settled(path, row, plan, failures, unfamiliar) for path, row in captioned]
+        rows = [_settled(path, row, plan, arguments.keywords, failures, unfamiliar) for path, row in captioned]
         write_shard(output, index, rows, arguments.output_format)
         index += 1
         counts["rows"] += len(rows)
@@ -185,10 +201,12 @@ def caption_on_ray(arguments: argparse.Namespace, options: dict) -> int:
     return 1 if failures else 0
 
 
-def _settled(path: str, row: dict, plan: Plan, failures: list[str], unfamiliar: list[str]) -> dict:
-    """`row` once its caption is written where the plan says: an error row (as one that could not be read) if it
-    could not be."""
-    failure = row.get("error") or write_caption(path, row["caption"], plan)
+def _settled(path: str, row: dict, plan: Plan, with_keywords: bool, failures: list[str], unfamiliar: list[str]) -> dict:
+    """`row` once its caption (and, `with_keywords`, its labels) is written where the plan says: an error row (as
+    one that could not be read) if it could not be."""
+    failure = row.get("error") or write_caption(
+        path, row["caption"], plan, keywords(row["labels"]) if with_keywords else ()
+    )
     if failure:
         failures.append(failure)
         return {"image": row["image"], "error": failure}
@@ -208,6 +226,15 @@ def _problem(arguments: argparse.Namespace) -> str | None:
         return "--sidecar and --embed write beside local images only; caption object-store photos into --output"
     if arguments.overwrite:
         return "--engine ray resumes from its shards: remove the --output folder to start again, not --overwrite"
+    if arguments.labels_only:
+        return "--labels-only is for one process; with --engine ray every shard row carries its photo's labels"
+    if arguments.keywords:
+        from captioner import Captioner
+
+        try:
+            return labels_problem(Captioner.load(arguments.model, device="cpu", revision=arguments.revision), arguments)
+        except (CheckpointError, OSError, ValueError) as error:
+            return str(error)
     return None
 
 

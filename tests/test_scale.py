@@ -104,3 +104,44 @@ def test_photos_read_by_ray_from_a_uri_are_captioned_and_resumed(tmp_path, photo
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert f"resuming: {len(rows)} photo(s) already in" in again.stderr
     assert sum(len(read_shard(shard)) for shard in output.glob("part-*")) == len(rows)  # nothing written twice
+
+
+@pytest.mark.slow
+def test_ray_writes_keywords_into_sidecars_as_one_process_does(tmp_path, captioning_model, tiny_tokenizer):
+    pytest.importorskip("ray")
+    from checkpoint import save_captioner
+    from distill import load_teacher
+
+    recogniser = {name: tensor.half() for name, tensor in load_teacher().state_dict().items()}
+    model = tmp_path / "labelled.pt"
+    save_captioner(model, captioning_model, tiny_tokenizer, {"recogniser": recogniser})
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(ROOT / "examples" / "cat.jpg", folder / "cat.jpg")
+    run = subprocess.run(
+        [*_ray_command(folder, tmp_path / "shards", model), "--sidecar", "--keywords"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (folder / "cat.txt").read_text().rstrip("\n").endswith(", Egyptian cat")
+
+
+def test_ray_refuses_what_it_cannot_do_in_one_line_before_starting(tmp_path, photos, model_file, capsys):
+    pytest.importorskip("ray")
+    output = tmp_path / "shards"
+    argv = [str(photos), "--engine", "ray", "--output", str(output), "--model", str(model_file)]
+    assert caption.main([*argv, "--labels-only"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --labels-only is for one process; with --engine ray every shard row carries its photo's labels\n"
+    )
+    assert caption.main([*argv, "--sidecar", "--keywords"]) == 2  # the tiny model has no recogniser
+    assert capsys.readouterr().err.rstrip().endswith("has no ImageNet recogniser for labels (hub.py release --labels)")
+    output.mkdir()
+    (output / "part-00000.jsonl").write_text("my notes, not a shard\n")
+    assert caption.main(argv) == 2
+    error = capsys.readouterr().err
+    assert (
+        error.startswith(f"error: {output} holds a file that is not a shard of this command (")
+        and error.count("\n") == 1
+    )
+    assert (output / "part-00000.jsonl").read_text() == "my notes, not a shard\n"  # left as it was

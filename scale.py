@@ -96,7 +96,7 @@ def _decoded(picture: Image.Image | ImageError) -> Image.Image:
 
 def finished_rows(output: Path) -> dict[str, dict]:
     """The rows of the complete shards under `output`, by image path; half-written temporary files are removed."""
-    for leftover in output.glob(".part-*"):
+    for leftover in output.glob(".part-?????.*.tmp"):  # atomic_write's temporary names for the shards
         leftover.unlink()
     rows: dict[str, dict] = {}
     for shard in sorted(output.glob("part-*")):

@@ -71,11 +71,12 @@ def test_a_killed_ray_job_run_again_writes_every_photo_exactly_once(tmp_path, ph
     written = len(list(output.glob("part-*")))
     assert 3 <= written < len(list(photos.iterdir())), "the job should have been stopped part-way"
     (output / ".part-00099.jsonl.half.tmp").write_text('{"image": "half')  # what a kill mid-write leaves
+    (output / ".part-notes").write_text("the user's")  # not ours: kept
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert f"resuming: {written} photo(s) already in" in rerun.stderr
     images = [row["image"] for shard in sorted(output.glob("part-*")) for row in read_shard(shard)]
     assert sorted(images) == sorted(str(path) for path in photos.iterdir())  # each photo once, none twice
-    assert not list(output.glob(".part-*"))
+    assert [path.name for path in output.glob(".part-*")] == [".part-notes"]
 
 
 def test_without_ray_the_engine_says_in_one_line_how_to_install_it(tmp_path, photos, model_file, monkeypatch, capsys):

@@ -160,8 +160,9 @@ def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for path, (other, other_tokenizer, _) in zip(paths, loaded, strict=True):
-        same_model = replace(other.config, retrieval_k=model.config.retrieval_k) == model.config
-        if not same_model or other.config.retrieval_k not in (0, model.config.retrieval_k):
+        retrieval = {"retrieval_k": model.config.retrieval_k, "retrieval_reading": model.config.retrieval_reading}
+        same_model = replace(other.config, **retrieval) == model.config
+        if not same_model or (other.config.retrieval_k and other.config != model.config):
             raise CheckpointError(
                 f"{os.fspath(path)}: a different model from {os.fspath(paths[reference])}; cannot average"
             )
@@ -291,7 +292,7 @@ class TrainingState:
     rng: dict  # torch's random state (and CUDA's), so dropout and data choices continue the same way
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     best_cider: float = -1.0  # the best validation score so far (best.pt's)
-    distillation_head: dict = field(default_factory=dict)  # train.py --distill's head (state_dict): training only
+    objective: dict = field(default_factory=dict)  # the objective's own state (train.Objective): training only
 
 
 def rng_state() -> dict:
@@ -329,7 +330,10 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[CaptionModel, Cap
         raise CheckpointError(f"{name}: not a training checkpoint (no optimizer state)")
     model, tokenizer, _ = _build(name, contents)
     try:
-        state = TrainingState(**contents["training"])
+        saved = dict(contents["training"])
+        if "distillation_head" in saved:  # checkpoints from before objectives kept their own state
+            saved["objective"] = saved.pop("distillation_head")
+        state = TrainingState(**saved)
     except TypeError as error:
         raise CheckpointError(f"{name}: unreadable training state ({_detail(error)})") from error
     return model, tokenizer, state

@@ -50,7 +50,10 @@ MODEL_LIMITS: dict[str, int] = {
     "retrieval_tokens": 64,
 }
 # Fields added after model files were first released: a file without them gets these values (what it was built as).
-ADDED_MODEL_FIELDS: dict[str, Any] = {"retrieval_k": 0, "retrieval_tokens": 16}
+ADDED_MODEL_FIELDS: dict[str, Any] = {"retrieval_k": 0, "retrieval_tokens": 16, "retrieval_reading": "memory"}
+# How a retrieval model reads its neighbours' captions: beside the image tokens, through cross-attention, or as a
+# text prompt before the caption, through self-attention (read, never predicted).
+RETRIEVAL_READINGS = ("memory", "prompt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class ModelConfig:
     image_pool: int = 1  # the decoder sees the patch grid average-pooled by this factor (class tokens kept)
     retrieval_k: int = 0  # the decoder also reads the captions of this many nearest photos (retrieval.py); 0: none
     retrieval_tokens: int = 16  # tokens kept of each of those captions, EOS included
+    retrieval_reading: str = "memory"  # one of RETRIEVAL_READINGS
 
     def __post_init__(self) -> None:
         _require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder, "a timm model name")
@@ -87,6 +91,10 @@ class ModelConfig:
         _require(
             retrieval_ok and 0 <= self.retrieval_k <= 16, "retrieval_k", self.retrieval_k, "a whole number in [0, 16]"
         )
+        _require(
+            self.retrieval_reading in RETRIEVAL_READINGS, "retrieval_reading", self.retrieval_reading,
+            f"one of {', '.join(RETRIEVAL_READINGS)}",
+        )  # fmt: skip
         _require(self.n_positions >= 2, "n_positions", self.n_positions, "at least 2 (BOS and one token)")
         _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"divisible by n_head={self.n_head}")
         _require_finite("dropout", self.dropout, 0.0, 0.99, "in [0, 0.99]")
@@ -289,6 +297,12 @@ class TrainConfig:
     retrieval_k: int = option(
         0, "read the captions of the N nearest training photos (retrieval.py; 0: none)", on_resume="must_match"
     )
+    retrieval_reading: str = option(
+        "memory",
+        "how a new retrieval model reads them: memory (cross-attention beside the image) or prompt (text before the "
+        "caption)",
+        on_resume="must_match",
+    )
     unfreeze_blocks: int | None = option(
         None,
         "train the encoder's last N blocks (0: frozen; empty: 4 for a new model, 0 for a fine-tune)",
@@ -417,6 +431,10 @@ class TrainConfig:
         _require(
             isinstance(self.retrieval_k, int) and 0 <= self.retrieval_k <= 16, "retrieval_k", self.retrieval_k,
             "a whole number in [0, 16]",
+        )  # fmt: skip
+        _require(
+            self.retrieval_reading in RETRIEVAL_READINGS, "retrieval_reading", self.retrieval_reading,
+            f"one of {', '.join(RETRIEVAL_READINGS)}",
         )  # fmt: skip
         _require(
             not (self.retrieval_k and (self.distill or self.objective != "cross_entropy")), "retrieval_k",

@@ -300,6 +300,7 @@ class KVCache:
     image_keys: tuple[Tensor, ...]  # per layer (B_img, nh, N, hs)
     image_values: tuple[Tensor, ...]  # per layer (B_img, nh, N, hs)
     length: int = 0  # positions filled so far
+    prompt_length: int = 0  # of them, a prompt read before the caption (retrieval_reading "prompt"): not positions
 
     @property
     def capacity(self) -> int:
@@ -335,21 +336,49 @@ class TextDecoder(nn.Module):
         image_values: Sequence[Tensor],
         cache: KVCache | None = None,
         record: list[Tensor] | None = None,
+        prompt: Tensor | None = None,
     ) -> Tensor:
-        """Final hidden states (B, T, C) for `input_ids` (B, T), at positions after what `cache` holds."""
+        """Final hidden states (B, T, C) for `input_ids` (B, T), at positions after what `cache` holds.
+
+        `prompt` (B, P, C), input embeddings read before `input_ids` (without a cache): its states are not returned
+        and the text's positions start at 0 after it, as after a prompt held in the cache (`cache.prompt_length`).
+        """
         start = 0 if cache is None else cache.length
+        first = 0 if cache is None else start - cache.prompt_length  # the text's own position
         length = input_ids.shape[1]
-        limit = self.config.n_positions if cache is None else cache.capacity
-        if start + length > limit:
-            raise ValueError(f"sequence of {start + length} tokens exceeds the decoder's limit of {limit}")
-        positions = torch.arange(start, start + length, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        if first + length > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {first + length} tokens exceeds the decoder's limit of {self.config.n_positions}"
+            )
+        if cache is not None and start + length > cache.capacity:
+            raise ValueError(f"sequence of {start + length} tokens exceeds the cache's {cache.capacity}")
+        positions = torch.arange(first, first + length, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
+        if prompt is not None:
+            x = torch.cat([prompt.to(x.dtype), x], dim=1)
+        x = self.run_blocks(self.drop(x), image_keys, image_values, cache, record)
+        if prompt is not None:
+            x = x[:, prompt.shape[1] :]
+            if record is not None:
+                record[-len(self.h) :] = [weights[:, :, prompt.shape[1] :] for weights in record[-len(self.h) :]]
+        return self.ln_f(x)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        image_keys: Sequence[Tensor],
+        image_values: Sequence[Tensor],
+        cache: KVCache | None = None,
+        record: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Every block over input embeddings x (B, T, C), after what `cache` holds (which then holds x too)."""
+        start = 0 if cache is None else cache.length
         for layer, block in enumerate(self.h):
             cached = (None, None) if cache is None else (cache.keys[layer], cache.values[layer])
             x = block(x, image_keys[layer], image_values[layer], *cached, start=start, record=record)
         if cache is not None:
-            cache.length = start + length
-        return self.ln_f(x)
+            cache.length = start + x.shape[1]
+        return x
 
 
 def caption_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -360,10 +389,11 @@ def caption_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) 
 
 
 class CaptionMemory(nn.Module):
-    """The captions of the photos nearest to the input (retrieval.py), read by the decoder's cross-attention beside
-    the image tokens: each token's embedding (the decoder's own, so that a word read can be written back through the
-    tied LM head) plus a learned position within the memory, normalised like the image tokens.
+    """The captions of the photos nearest to the input (retrieval.py): each token's embedding (the decoder's own, so
+    that a word read can be written back through the tied LM head) plus a learned position within the memory.
 
+    Read one of two ways (`retrieval_reading`): "memory", normalised like the image tokens and read beside them by
+    cross-attention; or "prompt", input embeddings before the caption, read by self-attention and never predicted.
     The memory has a fixed length, `retrieval_k` captions of `retrieval_tokens` tokens each (padded), so that a
     photo's caption does not depend on which other photos share its batch.
     """
@@ -371,8 +401,9 @@ class CaptionMemory(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.length = config.retrieval_k * config.retrieval_tokens
+        self.is_prompt = config.retrieval_reading == "prompt"
         self.wme = nn.Embedding(self.length, config.n_embd)
-        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln = nn.Identity() if self.is_prompt else nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, memory_ids: Tensor, wte: nn.Embedding) -> Tensor:
         if memory_ids.shape[1] != self.length:
@@ -382,7 +413,11 @@ class CaptionMemory(nn.Module):
 
 class CaptionModel(nn.Module):
     """Image encoder, bridge and text decoder; logits are tied to the token embedding. A retrieval model
-    (`retrieval_k` > 0) also reads the captions of the nearest photos (`CaptionMemory`)."""
+    (`retrieval_k` > 0) also reads the captions of the nearest photos (`CaptionMemory`).
+
+    "Image tokens" below are what `encode` returns: for a retrieval model they end with the memory's
+    `memory.length` tokens, which a "prompt" model splits off (`_split_prompt`) and reads before the caption.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -445,8 +480,18 @@ class CaptionModel(nn.Module):
         B may be a multiple of B_img (several captions per image). With `record`, each layer's cross-attention
         weights (B, nh, T, N) are appended to it.
         """
+        image_tokens, prompt = self._split_prompt(image_tokens)
         image_keys, image_values = self.decoder.image_keys_values(image_tokens)
-        return self.logits(self.decoder(input_ids, image_keys, image_values, record=record))
+        if prompt is not None and prompt.shape[0] != input_ids.shape[0]:
+            prompt = prompt.repeat_interleave(input_ids.shape[0] // prompt.shape[0], dim=0)
+        return self.logits(self.decoder(input_ids, image_keys, image_values, record=record, prompt=prompt))
+
+    def _split_prompt(self, image_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(image tokens for cross-attention, the prompt's embeddings or None): a "prompt" model's memory is the
+        last `memory.length` of the tokens `encode` returns."""
+        if self.memory is None or not self.memory.is_prompt:
+            return image_tokens, None
+        return image_tokens[:, : -self.memory.length], image_tokens[:, -self.memory.length :]
 
     def forward(
         self,
@@ -484,14 +529,22 @@ class CaptionModel(nn.Module):
         return patches.unflatten(-1, self.bridge.output_grid)  # (B, T, gh, gw)
 
     def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
-        """An empty cache for `rows_per_image` captions of each image, up to `max_length` tokens each."""
+        """A cache for `rows_per_image` captions of each image, up to `max_length` tokens each: empty, or holding a
+        "prompt" model's prompt, which the caption continues."""
         if max_length > self.config.n_positions:
             raise ValueError(f"max_length {max_length} exceeds the decoder's n_positions={self.config.n_positions}")
+        image_tokens, prompt = self._split_prompt(image_tokens)
+        prompt_length = 0 if prompt is None else prompt.shape[1]
         image_keys, image_values = self.decoder.image_keys_values(image_tokens)
         images, n_head, _, head_size = image_keys[0].shape
-        shape = (len(image_keys), images * rows_per_image, n_head, max_length, head_size)
+        shape = (len(image_keys), images * rows_per_image, n_head, prompt_length + max_length, head_size)
         empty = image_keys[0].new_empty(shape)
-        return KVCache(empty, torch.empty_like(empty), image_keys, image_values)
+        cache = KVCache(empty, torch.empty_like(empty), image_keys, image_values)
+        if prompt is not None:
+            rows = prompt.repeat_interleave(rows_per_image, dim=0).to(empty.dtype)
+            self.decoder.run_blocks(self.decoder.drop(rows), image_keys, image_values, cache)
+            cache.prompt_length = prompt_length
+        return cache
 
     def decode_step(self, input_ids: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, vocab) for the token after `input_ids` (B, T), which continue what `cache` holds."""
@@ -531,16 +584,17 @@ def with_image_layout(model: CaptionModel, image_size: int | None, image_pool: i
     return resized.train(model.training)
 
 
-def with_retrieval(model: CaptionModel, retrieval_k: int) -> CaptionModel:
-    """`model` also reading the captions of the `retrieval_k` nearest photos: every weight kept, a new caption
-    memory (`CaptionMemory`) added, to be fine-tuned. The same k, or 0 for a model without memory: unchanged."""
+def with_retrieval(model: CaptionModel, retrieval_k: int, reading: str = "memory") -> CaptionModel:
+    """`model` also reading the captions of the `retrieval_k` nearest photos, the `reading` way (`CaptionMemory`):
+    every weight kept, a new caption memory added, to be fine-tuned. The same k, or 0 for a model without memory:
+    unchanged."""
     if retrieval_k == model.config.retrieval_k:
         return model
     if model.config.retrieval_k:
         raise ValueError(
             f"the model reads {model.config.retrieval_k} nearest captions; it cannot change to {retrieval_k}"
         )
-    extended = CaptionModel(dataclasses.replace(model.config, retrieval_k=retrieval_k))
+    extended = CaptionModel(dataclasses.replace(model.config, retrieval_k=retrieval_k, retrieval_reading=reading))
     missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("memory.") for name in missing), (missing, unexpected)
     return extended

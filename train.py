@@ -5,10 +5,11 @@
     python train.py --data ../shared/data/flickr8k --out-dir runs/small --resume   # after a kill: continues exactly
     torchrun --nproc_per_node=2 train.py ...                 # several processes (GPUs: NCCL; CPU: gloo)
 
-It reads top to bottom: configuration, data, model (new, --init-from or --resume), optimizer, objective (token
-cross-entropy, optionally with an ImageNet teacher distilled into the ViT: distill.py; or self-critical CIDEr-D:
-scst.py), then the loop. Each step samples a batch, computes the loss, and takes an optimizer step; each epoch ends
-with validation (loss, caption metrics, sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`.
+It reads top to bottom: `setup` builds a `Run` (configuration, data, model: new, --init-from or --resume; the
+objective, built once: token cross-entropy, cross-entropy with an ImageNet teacher distilled into the ViT
+(distill.py), or self-critical CIDEr-D (scst.py); the optimizer), then `fit` loops. Each step samples a batch, asks
+the objective for its loss, and takes an optimizer step; each epoch ends with validation (loss, caption metrics,
+sample captions), `best.pt` by CIDEr, a metrics.csv row and `last.pt`.
 `last.pt` is also saved every `checkpoint_every` steps. When the encoder's first blocks are frozen, their output
 tokens are computed once per image and cached on disk (features.FeatureCache), so each epoch runs only the
 trainable blocks.
@@ -73,41 +74,84 @@ _MENTIONS_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 def train(config: TrainConfig) -> dict:
     """Run training as configured; returns the last epoch's metrics. Rank 0 alone writes files and logs."""
-    rank, world, device = setup_distributed(config)
-    out_dir = Path(config.out_dir)
-    is_main = rank == 0
-    if is_main:
-        claim_out_dir(config)  # before anything is written there
-    _setup_logging(out_dir, is_main)
+    run = setup(config)
+    try:
+        fit(run)
+    finally:
+        if run.board is not None:
+            run.board.close()
+        if run.world > 1:
+            dist.destroy_process_group()
+    return run.state.history[-1] if run.state.history else {}
 
-    # ---- data ----
+
+@dataclass
+class Run:
+    """Everything a training run holds, built once by `setup` and advanced by `fit`."""
+
+    config: TrainConfig
+    model: CaptionModel
+    tokenizer: CaptionTokenizer
+    objective: "Objective"
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: TrainingState
+    train_data: "CaptionData"
+    val_data: "CaptionData"
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's, None: float32
+    rank: int
+    world: int
+    steps_per_epoch: int
+    board: object | None  # a TensorBoard writer where the package is installed
+    validation_seconds: float = 0.0  # the last validation's, for the time estimate
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def total_steps(self) -> int:
+        """The learning-rate schedule's length."""
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def stop_step(self) -> int:
+        return min(self.total_steps, self.config.max_steps) if self.config.max_steps else self.total_steps
+
+    @property
+    def images_per_step(self) -> int:
+        return self.config.batch_size * self.world * self.config.grad_accum
+
+    def save(self, path: Path, metrics: dict) -> None:
+        """A training checkpoint: weights, optimizer, random state and the objective's own state."""
+        state = self.state
+        state.optimizer, state.rng, state.objective = self.optimizer.state_dict(), rng_state(), self.objective.state()
+        save_training_checkpoint(path, self.model, self.tokenizer, self.metadata(metrics), state)
+
+    def metadata(self, metrics: dict) -> dict:
+        return {"trained_on": self.config.data, "metrics": metrics, "step": self.state.step}
+
+
+def setup(config: TrainConfig) -> Run:
+    """Configuration, data, model (new, --init-from or --resume), objective and optimizer."""
+    rank, world, device = setup_distributed(config)
+    if rank == 0:
+        claim_out_dir(config)  # before anything is written there
+    _setup_logging(Path(config.out_dir), rank == 0)
     splits = training_splits(config)
     own = [item for split in config.train_splits.split(",") for item in splits[split]]
     trained_on = own + mixed_in(config, len(own))
-
-    # ---- model: new, fine-tuned from a model file, or resumed ----
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    state = None
-    if config.resume:
-        model, tokenizer, state = load_training_checkpoint(last_path)
-        config = resolve_defaults(config, own, world, saved=state.config)
-        check_resumable(state.config, config, last_path)
-    else:
-        config = resolve_defaults(config, own, world)
-        torch.manual_seed(config.seed)
-        if config.init_from:
-            model, tokenizer, _ = load_model_file(config.init_from)
-            model = with_image_layout(model, config.image_size, config.image_pool)
-        else:
-            model, tokenizer = build_new(config, trained_on)
-        with torch.random.fork_rng(devices=[]):  # the memory's init, from the seed, leaves the run's random state
-            torch.manual_seed(config.seed)
-            model = with_retrieval(model, config.retrieval_k)
+    config, model, tokenizer, state = load_or_build_model(config, own, trained_on, world)
     logger.info("config: %s", config)
     model.to(device).train()
     if config.unfreeze_blocks > model.encoder.depth:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {model.encoder.depth} blocks")
-    train_data = CaptionData(trained_on, model, tokenizer, config, flip=config.flip, teacher=bool(config.distill))
+    train_data = CaptionData(trained_on, model, tokenizer, config, flip=config.flip)
     val_data = CaptionData(splits["val"], model, tokenizer, config, flip=False)
     if len(val_data) < SMALL_VAL:
         logger.warning(
@@ -119,161 +163,249 @@ def train(config: TrainConfig) -> dict:
         datastore = train_data.datastore(model, device)
         train_data.retrieve(model, datastore, device, exclude_self=True)
         val_data.retrieve(model, datastore, device, exclude_self=False)
-    distiller = None
-    if config.distill:
-        with torch.random.fork_rng(devices=[]):  # the head's init, from the seed, leaves the run's random state alone
-            torch.manual_seed(config.seed)
-            distiller = Distiller(model, config.distill_temperature).to(device)
-        if state is not None:
-            distiller.head.load_state_dict(state.distillation_head)
-
-    # ---- optimizer and schedule ----
-    head = distiller.head if distiller is not None else None
+    objective = build_objective(config, model, train_data, device)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config, head), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
+        parameter_groups(model, config, objective.head), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
     )
-    images_per_step = config.batch_size * world * config.grad_accum
-    steps_per_epoch = len(train_data) // images_per_step
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_data)} training images is fewer than one step's {images_per_step}")
-    total_steps = steps_per_epoch * config.epochs  # the learning-rate schedule's length
-    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
-    if state is None:
-        state = TrainingState(optimizer={}, step=0, config=asdict(config), rng={})
-    else:
-        optimizer.load_state_dict(state.optimizer)
-        set_rng_state(state.rng)
-        logger.info("resumed %s at step %d (epoch %d)", last_path, state.step, state.step // steps_per_epoch)
     dtype = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    run = Run(
+        config, model, tokenizer, objective, optimizer, torch.amp.GradScaler(enabled=dtype == torch.float16),
+        state or TrainingState(optimizer={}, step=0, config=asdict(config), rng={}), train_data, val_data, device,
+        dtype, rank, world, len(train_data) // (config.batch_size * world * config.grad_accum),
+        _tensorboard(Path(config.out_dir)) if rank == 0 else None,
+    )  # fmt: skip
+    if run.steps_per_epoch == 0:
+        raise DataError(f"{len(train_data)} training images is fewer than one step's {run.images_per_step}")
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        objective.load_state(state.objective)
+        set_rng_state(state.rng)
+        logger.info("resumed at step %d (epoch %d)", state.step, state.step // run.steps_per_epoch)
     logger.info(
         "%d train images (%d skipped), %d val images, %d steps per epoch, %d steps, precision %s, %s",
-        len(train_data), train_data.skipped, len(val_data), steps_per_epoch, total_steps, dtype or "float32",
+        len(train_data), train_data.skipped, len(val_data), run.steps_per_epoch, run.total_steps, dtype or "float32",
         f"cached encoder tokens after block {train_data.start_block}" if train_data.start_block
         else "images read every step",
     )  # fmt: skip
+    return run
 
-    def metadata(metrics: dict) -> dict:
-        return {"trained_on": config.data, "metrics": metrics, "step": state.step}
 
-    def save(path: Path, metrics: dict) -> None:
-        state.optimizer, state.rng = optimizer.state_dict(), rng_state()
-        state.distillation_head = head.state_dict() if head is not None else {}
-        save_training_checkpoint(path, model, tokenizer, metadata(metrics), state)
+def load_or_build_model(
+    config: TrainConfig, own: list[CaptionedImage], trained_on: list[CaptionedImage], world: int
+) -> tuple[TrainConfig, CaptionModel, CaptionTokenizer, TrainingState | None]:
+    """The run's model: resumed from last.pt (with its training state), fine-tuned from --init-from, or new; and
+    the config with the kind of run's defaults filled in."""
+    if config.resume:
+        last_path = Path(config.out_dir) / "last.pt"
+        model, tokenizer, state = load_training_checkpoint(last_path)
+        config = resolve_defaults(config, own, world, saved=state.config)
+        check_resumable(state.config, config, last_path)
+        return config, model, tokenizer, state
+    config = resolve_defaults(config, own, world)
+    torch.manual_seed(config.seed)
+    if config.init_from:
+        model, tokenizer, _ = load_model_file(config.init_from)
+        model = with_image_layout(model, config.image_size, config.image_pool)
+    else:
+        model, tokenizer = build_new(config, trained_on)
+    with torch.random.fork_rng(devices=[]):  # the memory's init, from the seed, leaves the run's random state
+        torch.manual_seed(config.seed)
+        model = with_retrieval(model, config.retrieval_k, config.retrieval_reading)
+    return config, model, tokenizer, None
 
-    # ---- the objective ----
-    reward = None
-    if config.objective == "scst":
-        reward = SelfCriticalReward([item.captions for item in train_data.items], tokenizer)
 
-    def training_loss(batch: Batch, seed: int) -> tuple[Tensor, dict[str, float]]:
-        """The batch's loss, and what else to log: for scst the mean reward of its samples (drawn with `seed`), with
-        distillation its part of the loss."""
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if reward is not None:
-                loss, mean_reward = scst_loss(
-                    runner, model, batch.images, batch.start_block, batch.indices, reward,
-                    samples=config.scst_samples, max_new_tokens=train_data.max_tokens,
-                    generator=torch.Generator(device).manual_seed(seed),
-                )  # fmt: skip
-                return loss, {"reward": mean_reward}
-            if distiller is not None:
-                caption, distilled = runner(
-                    batch.images, batch.input_ids, batch.labels, batch.teacher, start_block=batch.start_block,
-                    label_smoothing=config.label_smoothing,
-                )  # fmt: skip
-                return caption + config.distill * distilled, {"distill": distilled.item()}
-        return batch_loss(runner, batch, dtype, device, config.label_smoothing), {}
+# ---- the loop: sample a batch, loss, optimizer step; at an epoch's end, validate and save ----
 
-    board = _tensorboard(out_dir) if is_main else None
 
-    validation_seconds = [0.0]  # the last validation's, measured at the end of each epoch
-
-    def end_of_epoch(epoch: int, seconds: float) -> None:
-        """Validate, keep the best model, record the epoch's metrics and save last.pt (rank 0); all ranks wait."""
-        metrics = {"epoch": epoch + 1, "step": state.step, "epoch_seconds": round(seconds, 1)}
-        if is_main:
-            if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == total_steps):
-                started = time.perf_counter()
-                metrics |= validate(model, tokenizer, val_data, config, device, dtype)
-                validation_seconds[0] = time.perf_counter() - started  # for the run's time estimate
-                score = metrics.get("CIDEr", -metrics["val_loss"])
-                if score > state.best_cider:
-                    state.best_cider = score
-                    save(best_path, metrics)
-            state.history.append(metrics)
-            logger.info("epoch %d done in %.0f s: %s", epoch + 1, seconds, metrics)
-            _append_csv(out_dir / "metrics.csv", metrics)
-            _board(board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
-            save(last_path, metrics)
-            if config.keep_epochs:  # weights only: a third of last.pt's size
-                save_captioner(out_dir / f"epoch-{epoch + 1}.pt", model, tokenizer, metadata(metrics))
-        model.train()
-        if world > 1:
-            dist.barrier()
-
-    # ---- the loop: sample a batch, loss, optimizer step; at an epoch's end, validate and save ----
-    runner, encoder_training = None, None
-    progress, epoch_started, step_times, losses, extras = None, time.perf_counter(), [], [], {}
-    while state.step < stop_step:
-        epoch, position = divmod(state.step, steps_per_epoch)
+def fit(run: Run) -> None:
+    """Train from `run.state.step` to the stop step, validating and saving at each epoch's end."""
+    config, state = run.config, run.state
+    runner, encoder_training, progress = None, None, None
+    epoch_started, log = time.perf_counter(), StepLog()
+    while state.step < run.stop_step:
+        epoch, position = divmod(state.step, run.steps_per_epoch)
         wanted = config.unfreeze_blocks > 0 and epoch >= config.unfreeze_epoch
-        if runner is None or wanted != encoder_training:
+        if runner is None or wanted != encoder_training:  # the set of trained parameters changes
             encoder_training = wanted
-            model.encoder.set_trainable(config.unfreeze_blocks if encoder_training else 0)
-            trained = model if distiller is None else distiller
-            runner = trained if world == 1 else _distributed(trained, device)
+            run.model.encoder.set_trainable(config.unfreeze_blocks if encoder_training else 0)
+            trained = run.objective.module(run.model)
+            runner = trained if run.world == 1 else _distributed(trained, run.device)
         if progress is None:
-            progress = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", disable=not is_main)
+            progress = tqdm(total=run.steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}",
+                            disable=not run.is_main)  # fmt: skip
             epoch_started = time.perf_counter()
         started = time.perf_counter()
-
-        # One optimizer step: its micro-batches' gradients, then clip, learning rate, update.
-        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-        step_random = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step)  # this step's data choices
-        for micro in range(config.grad_accum):
-            first = (position * config.grad_accum + micro) * config.batch_size * world + rank * config.batch_size
-            batch = train_data.batch(order[first : first + config.batch_size].tolist(), step_random, device)
-            last_micro = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if world == 1 or last_micro else runner.no_sync():
-                loss, logged = training_loss(batch, (config.seed * 1_000_003 + state.step) * 64 + micro)
-            scaler.scale(loss / config.grad_accum).backward()
-            losses.append(loss.item())
-            for name, value in logged.items():
-                extras.setdefault(name, []).append(value)
-        grad_norm = optimizer_step(optimizer, scaler, lr_at(state.step, config, total_steps), config.grad_clip)
+        grad_norm = train_step(run, runner, epoch, position, log)
         state.step += 1
-        step_times.append(time.perf_counter() - started)
+        log.seconds.append(time.perf_counter() - started)
         progress.update(1)
+        if state.step % config.log_every == 0 and run.is_main:
+            log.report(run, epoch, grad_norm)
+        epoch_done = state.step % run.steps_per_epoch == 0
+        if run.is_main and (
+            state.step % config.checkpoint_every == 0 or (state.step == run.stop_step and not epoch_done)
+        ):
+            run.save(run.out_dir / "last.pt", state.history[-1] if state.history else {})
+        if epoch_done:
+            progress.close()
+            progress = None
+            end_of_epoch(run, epoch, time.perf_counter() - epoch_started)
 
-        if state.step % config.log_every == 0 and is_main:
-            seconds, mean_loss = sum(step_times) / len(step_times), sum(losses) / len(losses)
-            current_lr = lr_at(state.step - 1, config, total_steps)
-            means = {name: sum(values) / len(values) for name, values in extras.items()}
-            epochs_left = -(-stop_step // steps_per_epoch) - epoch - 1
-            left = (stop_step - state.step) * seconds + validation_seconds[0] * epochs_left
-            logger.info(
-                "step %d/%d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s, run done in about %s%s",
-                state.step, stop_step, epoch + 1, mean_loss, current_lr, grad_norm, seconds, images_per_step / seconds,
-                _duration(left), "".join(f" {name} {value:.4f}" for name, value in means.items()),
-            )  # fmt: skip
-            scalars = {"train/loss": mean_loss, "train/lr": current_lr} | {f"train/{k}": v for k, v in means.items()}
-            _board(board, scalars, state.step)
-            step_times, losses, extras = [], [], {}
-        epoch_done = state.step % steps_per_epoch == 0
-        if is_main and (state.step % config.checkpoint_every == 0 or (state.step == stop_step and not epoch_done)):
-            save(last_path, state.history[-1] if state.history else {})
-        if not epoch_done:
-            continue
 
-        progress.close()
-        progress = None
-        end_of_epoch(epoch, time.perf_counter() - epoch_started)
-    if board is not None:
-        board.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return state.history[-1] if state.history else {}
+def train_step(run: Run, runner: nn.Module, epoch: int, position: int, log: "StepLog") -> float:
+    """One optimizer step: its micro-batches' gradients, then clip, learning rate, update; returns the grad norm."""
+    config, step = run.config, run.state.step
+    order = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    step_random = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # this step's data choices
+    for micro in range(config.grad_accum):
+        first = (position * config.grad_accum + micro) * config.batch_size * run.world + run.rank * config.batch_size
+        batch = run.train_data.batch(order[first : first + config.batch_size].tolist(), step_random, run.device)
+        last_micro = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if run.world == 1 or last_micro else runner.no_sync():
+            with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+                loss, logged = run.objective.loss(
+                    runner, run.model, batch, (config.seed * 1_000_003 + step) * 64 + micro
+                )
+            run.scaler.scale(loss / config.grad_accum).backward()
+        log.add(loss.item(), logged)
+    return optimizer_step(run.optimizer, run.scaler, lr_at(step, config, run.total_steps), config.grad_clip)
+
+
+@dataclass
+class StepLog:
+    """What the steps since the last log line measured."""
+
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    extras: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def add(self, loss: float, logged: dict[str, float]) -> None:
+        self.losses.append(loss)
+        for name, value in logged.items():
+            self.extras.setdefault(name, []).append(value)
+
+    def report(self, run: Run, epoch: int, grad_norm: float) -> None:
+        """A log line (and TensorBoard scalars) with the means since the last, and the time left; then reset."""
+        step, stop = run.state.step, run.stop_step
+        seconds, mean_loss = sum(self.seconds) / len(self.seconds), sum(self.losses) / len(self.losses)
+        current_lr = lr_at(step - 1, run.config, run.total_steps)
+        means = {name: sum(values) / len(values) for name, values in self.extras.items()}
+        epochs_left = -(-stop // run.steps_per_epoch) - epoch - 1
+        left = (stop - step) * seconds + run.validation_seconds * epochs_left
+        logger.info(
+            "step %d/%d epoch %d loss %.4f lr %.2e grad-norm %.2f %.2f s/step %.1f img/s, run done in about %s%s",
+            step, stop, epoch + 1, mean_loss, current_lr, grad_norm, seconds, run.images_per_step / seconds,
+            _duration(left), "".join(f" {name} {value:.4f}" for name, value in means.items()),
+        )  # fmt: skip
+        scalars = {"train/loss": mean_loss, "train/lr": current_lr} | {f"train/{k}": v for k, v in means.items()}
+        _board(run.board, scalars, step)
+        self.seconds, self.losses, self.extras = [], [], {}
+
+
+def end_of_epoch(run: Run, epoch: int, seconds: float) -> None:
+    """Validate, keep the best model, record the epoch's metrics and save last.pt (rank 0); all ranks wait."""
+    config, state = run.config, run.state
+    metrics = {"epoch": epoch + 1, "step": state.step, "epoch_seconds": round(seconds, 1)}
+    if run.is_main:
+        if config.eval_every and ((epoch + 1) % config.eval_every == 0 or state.step == run.total_steps):
+            started = time.perf_counter()
+            metrics |= validate(run.model, run.tokenizer, run.val_data, config, run.device, run.dtype)
+            run.validation_seconds = time.perf_counter() - started
+            score = metrics.get("CIDEr", -metrics["val_loss"])
+            if score > state.best_cider:
+                state.best_cider = score
+                run.save(run.out_dir / "best.pt", metrics)
+        state.history.append(metrics)
+        logger.info("epoch %d done in %.0f s: %s", epoch + 1, seconds, metrics)
+        _append_csv(run.out_dir / "metrics.csv", metrics)
+        _board(run.board, {f"val/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, state.step)
+        run.save(run.out_dir / "last.pt", metrics)
+        if config.keep_epochs:  # weights only: a third of last.pt's size
+            save_captioner(run.out_dir / f"epoch-{epoch + 1}.pt", run.model, run.tokenizer, run.metadata(metrics))
+    run.model.train()
+    if run.world > 1:
+        dist.barrier()
+
+
+# ---- objectives: how a batch becomes a loss ----
+
+
+class Objective:
+    """Token cross-entropy. Subclasses change the loss; each owns its extra trainable parameters (`head`) and their
+    state in the checkpoint, and names what it logs besides the loss."""
+
+    head: nn.Module | None = None
+
+    def __init__(self, config: TrainConfig):
+        self.label_smoothing = config.label_smoothing
+
+    def module(self, model: CaptionModel) -> nn.Module:
+        """What the forward pass runs (wrapped for several processes)."""
+        return model
+
+    def loss(self, runner: nn.Module, model: CaptionModel, batch: "Batch", seed: int) -> tuple[Tensor, dict]:
+        """The batch's loss under autocast, and what else to log; `seed` for any sampling of this micro-batch."""
+        _, loss = runner(
+            batch.images, batch.input_ids, batch.labels, start_block=batch.start_block, memory_ids=batch.memory_ids,
+            label_smoothing=self.label_smoothing,
+        )  # fmt: skip
+        return loss, {}
+
+    def state(self) -> dict:
+        return {} if self.head is None else self.head.state_dict()
+
+    def load_state(self, state: dict) -> None:
+        if self.head is not None:
+            self.head.load_state_dict(state)
+
+
+class Distillation(Objective):
+    """Cross-entropy plus `distill` times the ImageNet teacher's soft labels learned by a head on the class token
+    (distill.py); the head is training-only."""
+
+    def __init__(self, config: TrainConfig, model: CaptionModel, data: "CaptionData", device: torch.device):
+        super().__init__(config)
+        self.weight = config.distill
+        self.teacher = teacher_logits(data.items, flips=config.flip, cache_dir=config.cache_dir)
+        with torch.random.fork_rng(devices=[]):  # the head's init, from the seed, leaves the run's random state alone
+            torch.manual_seed(config.seed)
+            self.distiller = Distiller(model, config.distill_temperature).to(device)
+        self.head = self.distiller.head
+
+    def module(self, model: CaptionModel) -> nn.Module:
+        return self.distiller
+
+    def loss(self, runner: nn.Module, model: CaptionModel, batch: "Batch", seed: int) -> tuple[Tensor, dict]:
+        teacher = _pick(self.teacher, batch.indices, batch.flips).to(batch.images.device)
+        caption, distilled = runner(
+            batch.images, batch.input_ids, batch.labels, teacher, start_block=batch.start_block,
+            label_smoothing=self.label_smoothing,
+        )  # fmt: skip
+        return caption + self.weight * distilled, {"distill": distilled.item()}
+
+
+class SelfCritical(Objective):
+    """Self-critical sequence training (scst.py): sampled captions rewarded with their CIDEr-D."""
+
+    def __init__(self, config: TrainConfig, data: "CaptionData"):
+        super().__init__(config)
+        self.samples, self.max_new_tokens = config.scst_samples, data.max_tokens
+        self.reward = SelfCriticalReward([item.captions for item in data.items], data.tokenizer)
+
+    def loss(self, runner: nn.Module, model: CaptionModel, batch: "Batch", seed: int) -> tuple[Tensor, dict]:
+        loss, mean_reward = scst_loss(
+            runner, model, batch.images, batch.start_block, batch.indices, self.reward, samples=self.samples,
+            max_new_tokens=self.max_new_tokens, generator=torch.Generator(batch.images.device).manual_seed(seed),
+        )  # fmt: skip
+        return loss, {"reward": mean_reward}
+
+
+def build_objective(config: TrainConfig, model: CaptionModel, data: "CaptionData", device: torch.device) -> Objective:
+    if config.objective == "scst":
+        return SelfCritical(config, data)
+    if config.distill:
+        return Distillation(config, model, data, device)
+    return Objective(config)
 
 
 # ---- setting up: the out_dir, the splits, the defaults of the kind of run ----
@@ -414,7 +546,7 @@ class Batch:
     start_block: int
     input_ids: Tensor  # (B * captions_per_image, T)
     labels: Tensor  # (B * captions_per_image, T)
-    teacher: Tensor | None = None  # the ImageNet teacher's logits (B, 1000) of these images, mirrored alike
+    flips: tuple[bool, ...]  # which images are mirrored
     memory_ids: Tensor | None = None  # a retrieval model's memory: the nearest photos' captions (B, k * tokens)
 
 
@@ -459,7 +591,7 @@ class CaptionData:
 
     def __init__(
         self, items: list[CaptionedImage], model: CaptionModel, tokenizer: CaptionTokenizer, config: TrainConfig,
-        *, flip: bool, teacher: bool = False,
+        *, flip: bool,
     ):  # fmt: skip
         self.tokenizer = tokenizer
         self.captions_per_image = config.captions_per_image
@@ -485,7 +617,6 @@ class CaptionData:
         if self.skipped:
             logger.warning("%d of %d images unreadable and left out (see the warnings above)", self.skipped, len(items))
         self.caption_tokens = [[tokenizer.encode(caption) for caption in item.captions] for item in self.items]
-        self.teacher = teacher_logits(self.items, flips=flip, cache_dir=config.cache_dir) if teacher else None
         self.flippable = [flip and not any(_MENTIONS_SIDE.search(c) for c in item.captions) for item in self.items]
         self.neighbours: Tensor | None = None  # (N, k) datastore entries each image reads, for a retrieval model
         self.memory_captions: tuple[tuple[str, ...], ...] = ()
@@ -546,10 +677,9 @@ class CaptionData:
             captions += [choices[(start + k) % len(choices)] for k in range(self.captions_per_image)]
         input_ids, labels = caption_targets(captions, self.tokenizer, self.max_tokens)
         images = self.encoder_inputs(indices, flips).to(device)
-        teacher = None if self.teacher is None else _pick(self.teacher, indices, flips).to(device)
         memory = self.memory(indices, random)
         return Batch(
-            tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device), teacher,
+            tuple(indices), images, self.start_block, input_ids.to(device), labels.to(device), tuple(flips),
             None if memory is None else memory.to(device),
         )  # fmt: skip
 

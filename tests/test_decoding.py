@@ -222,3 +222,58 @@ def test_repetition_penalty_discourages_repeats_but_not_ending():
     for config in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="greedy", repetition_penalty=1.5)):
         ends = decoding.generate(model_bos_is_eos, images, config, bos_token_id=EOS, eos_token_id=EOS).lengths
         assert (ends < 30).any()
+
+
+def _prompt_model() -> tuple[CaptionModel, torch.Tensor]:
+    """A model reading 2 neighbours' captions of 3 tokens as a prompt, and image tokens that end with that prompt."""
+    from model import with_retrieval
+
+    model = with_retrieval(_peaked_model(4.0), 2, "prompt")
+    model.config = dataclasses.replace(model.config, retrieval_tokens=3)  # a 6-token prompt keeps the test small
+    model.memory = type(model.memory)(model.config)
+    torch.nn.init.normal_(model.memory.wme.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    memory = torch.randint(2, 50, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model.eval(), model.read_memory(_images(3), memory)
+
+
+def test_a_prompt_models_caption_is_what_gpt2_gives_after_the_prompt_with_positions_from_zero():
+    """transformers' GPT-2 on the same weights, reading the prompt's embeddings first and numbering the caption's
+    positions from 0 again, gives the logits our cached and uncached decoders give for the caption alone."""
+    model, tokens = _prompt_model()
+    image_tokens, prompt = tokens[:, :-6], tokens[:, -6:]
+    caption = torch.tensor([[BOS, 5, 17, 23, 8]] * 3)
+    reference = _reference(model)
+    prompt_embeddings = prompt - model.decoder.wpe.weight[:6]  # GPT-2 adds its own position embedding back
+    with torch.no_grad():
+        expected = reference(
+            inputs_embeds=torch.cat([prompt_embeddings, model.decoder.wte(caption)], dim=1),
+            position_ids=torch.cat([torch.arange(6), torch.arange(5)])[None].expand(3, -1),
+            encoder_hidden_states=image_tokens.contiguous(),
+        ).logits[:, 6:]
+        uncached = model.decode(caption, tokens)
+        cache = model.start_cache(tokens, 1, 10)
+        cached = [model.decode_step(caption[:, :2], cache)] + [model.decode_step(caption[:, i : i + 1], cache)
+                                                              for i in range(2, 5)]  # fmt: skip
+    torch.testing.assert_close(uncached, expected, atol=1e-4, rtol=1e-4)
+    for step, logits in enumerate(cached):
+        torch.testing.assert_close(logits, expected[:, 1 + step], atol=1e-4, rtol=1e-4)
+    assert cache.length == 6 + 5 and cache.prompt_length == 6
+    assert not torch.allclose(uncached, model.decode(caption, torch.cat([image_tokens, prompt.flip(0)], dim=1)))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_a_prompt_models_cached_decoding_scores_its_captions_as_the_uncached_model_does(strategy):
+    model, tokens = _prompt_model()
+    config = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=MAX_NEW)
+    generation = decoding.generate(model, tokens, config, bos_token_id=BOS, eos_token_id=EOS)
+    assert _ends_at_different_steps(generation.sequences[:, 0])
+    for image in range(3):
+        length = int(generation.lengths[image, 0])
+        ids = generation.sequences[image, 0, :length]
+        with torch.no_grad():
+            logprobs = model.decode(torch.cat([torch.tensor([BOS]), ids[:-1]])[None], tokens[image : image + 1])
+        expected = logprobs[0].log_softmax(-1).gather(1, ids[:, None])[:, 0]
+        torch.testing.assert_close(generation.token_logprobs[image, 0, :length], expected, atol=1e-4, rtol=1e-4)
+        if strategy == "greedy":
+            assert torch.equal(logprobs[0].argmax(-1), ids)

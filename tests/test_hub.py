@@ -274,13 +274,14 @@ def test_release_with_the_training_data_ships_a_draft_table_that_keeps_greedy_ca
     assert hub.main(["release", str(tmp_path / "best.pt"), str(tmp_path / "x.pt"), "--data", str(tmp_path / "no")]) == 2
 
 
+@pytest.mark.parametrize("reading", ["memory", "prompt"])
 def test_a_retrieval_fine_tune_averages_with_its_start_and_keeps_its_own_caption_memory(
-    tmp_path, tiny_model, tiny_tokenizer
+    tmp_path, tiny_model, tiny_tokenizer, reading
 ):
     from model import with_retrieval
 
     start = tiny_model
-    tuned = with_retrieval(copy.deepcopy(tiny_model), 2)
+    tuned = with_retrieval(copy.deepcopy(tiny_model), 2, reading)
     with torch.no_grad():
         for parameter in tuned.parameters():
             parameter.add_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(1)))
@@ -288,14 +289,16 @@ def test_a_retrieval_fine_tune_averages_with_its_start_and_keeps_its_own_caption
     save_torch(checkpoint_dict(tuned, tiny_tokenizer), tmp_path / "tuned.pt")
     hub.release([tmp_path / "start.pt", tmp_path / "tuned.pt"], tmp_path / "averaged.pt")
     averaged = load_model_file(tmp_path / "averaged.pt")[0]
-    assert averaged.config.retrieval_k == 2
+    assert averaged.config.retrieval_k == 2 and averaged.config.retrieval_reading == reading
     start_state, tuned_state = start.state_dict(), tuned.state_dict()
     for key, value in averaged.state_dict().items():
         if not value.is_floating_point():
             continue
         expected = tuned_state[key] if key.startswith("memory.") else (start_state[key] + tuned_state[key]) / 2
         torch.testing.assert_close(value.float(), expected.half().float(), msg=key)
-    other = with_retrieval(copy.deepcopy(tiny_model), 3)
+    other = with_retrieval(copy.deepcopy(tiny_model), 2 if reading == "prompt" else 3)  # k or reading differ
     save_torch(checkpoint_dict(other, tiny_tokenizer), tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"tuned.pt: a different model from .*other.pt; cannot average"):
+    with pytest.raises(
+        CheckpointError, match=r"(tuned|other).pt: a different model from .*(other|tuned).pt; cannot average"
+    ):
         hub.release([tmp_path / "tuned.pt", tmp_path / "other.pt"], tmp_path / "mixed.pt")

@@ -68,17 +68,18 @@ def test_with_retrieval_keeps_every_weight_and_the_memory_changes_the_logits(tin
         tiny_model(images, inputs, memory_ids=memory_ids([["a"]], tiny_tokenizer, 4))
 
 
-def test_training_never_retrieves_the_photo_itself(tmp_path):
+@pytest.mark.parametrize("reading", ["memory", "prompt"])
+def test_training_never_retrieves_the_photo_itself(tmp_path, reading):
     for split in ("train", "val"):
         _captioned_folder(tmp_path / "data" / split, CAPTIONS)
     config = TrainConfig(
         data=str(tmp_path / "data"), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, retrieval_k=3,
-        unfreeze_blocks=0, epochs=1, batch_size=5, captions_per_image=1, warmup_steps=1, eval_every=0,
-        precision="float32", cache_dir=str(tmp_path / "cache"), workers=1,
+        retrieval_reading=reading, unfreeze_blocks=0, epochs=1, batch_size=5, captions_per_image=1, warmup_steps=1,
+        eval_every=0, precision="float32", cache_dir=str(tmp_path / "cache"), workers=1,
     )  # fmt: skip
     train.train(config)
     model, tokenizer, _ = train.load_training_checkpoint(tmp_path / "run" / "last.pt")[:3]
-    assert model.config.retrieval_k == 3
+    assert model.config.retrieval_k == 3 and model.config.retrieval_reading == reading
     data = train.CaptionData(train.load_captions(config.data)["train"], model, tokenizer, config, flip=False)
     store = data.datastore(model, torch.device("cpu"))
     data.retrieve(model, store, torch.device("cpu"), exclude_self=True)

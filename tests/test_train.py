@@ -142,7 +142,7 @@ def test_resume_after_kill_9_gives_the_same_weights_as_an_uninterrupted_run(tmp_
     for name, tensor in expected.items():
         assert torch.equal(tensor, actual[name]), name
     heads = [
-        torch.load(run / "last.pt", weights_only=True)["training"]["distillation_head"]
+        torch.load(run / "last.pt", weights_only=True)["training"]["objective"]
         for run in (tmp_path / "straight", tmp_path / "interrupted")
     ]
     assert heads[0].keys() == heads[1].keys() and bool(heads[0]) == ("distill" in changes)

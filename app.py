@@ -351,22 +351,8 @@ def summary(caption: Caption) -> str:
 
 
 def about_markdown(captioner: Captioner) -> str:
-    metadata, config = captioner.metadata, captioner.model.config
-    parameters = sum(p.numel() for p in captioner.model.parameters())
-    lines = [
-        f"**Model**: {config.encoder} encoder at {config.image_size} px → GPT-2 decoder with cross-attention "
-        f"({config.n_layer} layers, width {config.n_embd}, {config.vocab_size} tokens); "
-        f"{parameters / 1e6:.1f} M parameters.",
-        f"**Trained on**: {metadata.get('trained_on', 'unknown')}",
-    ]
-    metrics = metadata.get("metrics") or {}
-    names = [name for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if name in metrics]
-    if names:
-        split = metadata.get("metrics_split", "test")
-        lines.append(f"**Scores on the {split} split**: " + ", ".join(f"{name} {metrics[name]:.3f}" for name in names))
-    if metadata.get("limitations"):
-        lines.append(f"**Limitations**: {metadata['limitations']}")
-    return "\n\n".join(lines)
+    """The About tab: the model card its file's record renders (release.ModelInfo), as the Hub shows it."""
+    return captioner.info.render("About this model", captioner.model.config, "Captioner.load()")
 
 
 # ---- the app ----

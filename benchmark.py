@@ -40,7 +40,7 @@ from model import CaptionModel
 from precision import DTYPES, accepted_precisions, inference_precision, runs_natively
 from pretrained import to_gpt2
 from retrieval import Datastore
-from speculative import DraftTable, speculative_greedy
+from speculative import DraftTable
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
@@ -173,6 +173,7 @@ def speculative_report(
         images = sorted(EXAMPLES.glob("*.jpg"))[:limit]
     if table is None:
         raise ValueError("the model file has no draft table: pass --data with the training data set")
+    table = dataclasses.replace(table, tokens_per_pass=draft_tokens)
     config = dataclasses.replace(captioner.default_config(), strategy="greedy", num_return_sequences=1)
     prompt, eos = (tokenizer.bos_token_id,), tokenizer.eos_token_id
     encoded = [captioner.encode([image]).tokens for image in images]
@@ -183,14 +184,16 @@ def speculative_report(
         plain = decoding.generate(captioner.model, image_tokens, config, bos_token_id=prompt[0], eos_token_id=eos)
         plain_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        fast, used = speculative_greedy(captioner.model, image_tokens, config, prompt, eos, table, draft_tokens)
+        fast = decoding.generate(
+            captioner.model, image_tokens, config, bos_token_id=prompt[0], eos_token_id=eos, draft=table
+        )
         speculative_seconds += time.perf_counter() - started
         length = int(plain.lengths[0, 0])
         same += int(
             int(fast.lengths[0, 0]) == length
             and torch.equal(fast.sequences[0, 0, :length], plain.sequences[0, 0, :length])
         )
-        tokens, passes = tokens + length, passes + used
+        tokens, passes = tokens + length, passes + fast.passes
     count = len(encoded)
     return {
         "images": count, "same": same, "tokens_per_pass": tokens / passes,
@@ -266,7 +269,7 @@ def end_to_end_report(
 
         return run
 
-    recorded = accepted_precisions(float32.metadata)
+    recorded = accepted_precisions(float32.info)
     default = inference_precision("auto", float32.device, recorded)
     pipelines = [("timm + transformers", "float32", None), ("ours", "float32", float32)]
     for precision in dict.fromkeys([*recorded, *also]):  # in order, each once

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 import decoding
-from checkpoint import download, load_model_file
+from checkpoint import CheckpointError, download, load_model_file
 from config import DecodeConfig
 from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
@@ -30,8 +30,9 @@ from labels import TRANSFORM as LABEL_TRANSFORM
 from labels import Label, Recogniser, shares_resize
 from model import CaptionModel
 from precision import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
+from release import ModelInfo
 from retrieval import Datastore, memory_ids
-from speculative import DraftTable, speculative_greedy
+from speculative import DraftTable
 from tokenizer import CaptionTokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "captioner.pt"
@@ -83,7 +84,7 @@ class Captioner:
         self,
         model: CaptionModel,
         tokenizer: CaptionTokenizer,
-        metadata: dict | None = None,
+        info: ModelInfo | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
@@ -91,21 +92,18 @@ class Captioner:
     ):
         """`datastore`: for a retrieval model, the photos whose captions it reads (default: the one in its file)."""
         self.device = torch.device(device) if device is not None else default_device()
-        self.metadata = dict(metadata or {})
-        self.precision = inference_precision(dtype, self.device, accepted_precisions(self.metadata))
+        self.info = info or ModelInfo()  # what the model file records about the model (release.py)
+        self.precision = inference_precision(dtype, self.device, accepted_precisions(self.info))
         self.dtype = compute_dtype(self.precision)
         self.model = quantize(model.to(self.device).eval(), self.precision)
         self.tokenizer = tokenizer
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
         # drafted tokens per pass, with the same output (speculative.py).
-        self.draft = DraftTable.from_dict(self.metadata["draft"]) if "draft" in self.metadata else None
-        familiar = self.metadata.get("familiarity")
-        self.familiarity = FamiliarityModel.from_dict(familiar) if familiar else None
-        shipped = self.metadata.get("datastore")
-        self.datastore = datastore or (Datastore.from_dict(shipped) if shipped else None)
-        recogniser = self.metadata.get("recogniser")
-        self.recogniser = Recogniser(recogniser, self.device) if recogniser else None
+        self.draft = DraftTable.from_dict(self.info.draft) if self.info.draft else None
+        self.familiarity = FamiliarityModel.from_dict(self.info.familiarity) if self.info.familiarity else None
+        self.datastore = datastore or (Datastore.from_dict(self.info.datastore) if self.info.datastore else None)
+        self.recogniser = Recogniser(self.info.recogniser, self.device) if self.info.recogniser else None
 
     @classmethod
     def load(
@@ -128,7 +126,11 @@ class Captioner:
         if not path.exists() and source is not None and _looks_like_repo_id(str(source)):
             path = download(str(source), revision)
         model, tokenizer, metadata = load_model_file(path)
-        captioner = cls(model, tokenizer, metadata, device=device, dtype=dtype)
+        try:
+            info = ModelInfo.from_dict(metadata)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        captioner = cls(model, tokenizer, info, device=device, dtype=dtype)
         if datastore is not None:
             captioner.add_datastore(datastore, replace=datastore_only)
         return captioner
@@ -160,7 +162,7 @@ class Captioner:
     def default_config(self) -> DecodeConfig:
         """The decoding the model's card recommends (saved with it), else `DecodeConfig`'s defaults, with
         max_new_tokens capped at what the model can hold."""
-        config = DecodeConfig(**self.metadata.get("decoding", {}))
+        config = DecodeConfig(**(self.info.decoding or {}))
         room = self.model.config.n_positions - 1
         return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, room))
 
@@ -302,13 +304,10 @@ class Captioner:
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if config.strategy == "greedy" and self.draft is not None:
-            generation, _ = speculative_greedy(self.model, encoded.tokens, config, (bos, *prefix_ids), eos, self.draft)
-        else:
-            generation = decoding.generate(
-                self.model, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
-                prefix_ids=prefix_ids,
-            )  # fmt: skip
+        generation = decoding.generate(
+            self.model, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
+            prefix_ids=prefix_ids, draft=self.draft,
+        )  # fmt: skip
         familiarity = [None] * encoded.tokens.shape[0]
         if self.familiarity is not None and encoded.class_tokens is not None:
             familiarity = self.familiarity.familiarity(encoded.class_tokens).tolist()

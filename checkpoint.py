@@ -14,8 +14,7 @@ becomes one `CheckpointError` line naming the file and the problem.
 import json
 import os
 import pickle
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,61 +124,6 @@ def load_model_file(path: str | os.PathLike) -> tuple[CaptionModel, CaptionToken
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "model.safetensors")):
         return import_safetensors(name)
     return _build(name, _read_model_file(name))
-
-
-# What a model file records about what its own weights do: scores, the precisions that caption like float32, the
-# familiarity of photos' features, the datastore's embeddings. True of those weights only, so a model averaged or
-# resized from them drops it.
-MEASURED_ON_THE_WEIGHTS = (
-    "metrics", "metrics_split", "metrics_images", "distinct_captions", "metrics_command", "precision", "precisions",
-    "precision_scores", "precision_split", "familiarity", "datastore",
-)  # fmt: skip
-
-
-def without_measurements(metadata: dict) -> dict:
-    """`metadata` less what was measured on the weights it came with (`MEASURED_ON_THE_WEIGHTS`)."""
-    return {key: value for key, value in metadata.items() if key not in MEASURED_ON_THE_WEIGHTS}
-
-
-def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel, CaptionTokenizer, dict]:
-    """One model whose weights are the mean of several checkpoints of one model: a run's last epochs, or a
-    fine-tuning run's end and its starting point (the shipped model: cross-entropy, then self-critical training).
-
-    Averaging the end of a run smooths out the noise of the last optimizer steps; averaging a fine-tune with its
-    start keeps some of what each was better at. It only makes sense for checkpoints of one model, so configs and
-    tokenizers must be identical, with one exception: a retrieval fine-tune (`with_retrieval`) may be averaged with
-    the model it started from. The result reads the caption memory, whose weights only the retrieval checkpoints
-    have, so they are averaged over those alone. The metadata is the last file's, with what was measured on its
-    weights (`without_measurements`: scores, precisions, familiarity) replaced by the list of averaged files.
-    """
-    if not paths:
-        raise CheckpointError("no checkpoints to average")
-    loaded = [load_model_file(path) for path in paths]
-    reference = max(range(len(paths)), key=lambda index: loaded[index][0].config.retrieval_k)
-    model, tokenizer, _ = loaded[reference]
-    totals: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for path, (other, other_tokenizer, _) in zip(paths, loaded, strict=True):
-        retrieval = {"retrieval_k": model.config.retrieval_k, "retrieval_reading": model.config.retrieval_reading}
-        same_model = replace(other.config, **retrieval) == model.config
-        if not same_model or (other.config.retrieval_k and other.config != model.config):
-            raise CheckpointError(
-                f"{os.fspath(path)}: a different model from {os.fspath(paths[reference])}; cannot average"
-            )
-        if other_tokenizer.to_json() != tokenizer.to_json():
-            raise CheckpointError(
-                f"{os.fspath(path)}: a different tokenizer from {os.fspath(paths[reference])}; cannot average"
-            )
-        for key, value in other.state_dict().items():
-            if value.is_floating_point():
-                totals[key] = totals.get(key, 0) + value.double()
-                counts[key] = counts.get(key, 0) + 1
-    model.load_state_dict({key: total / counts[key] for key, total in totals.items()}, strict=False)
-    averaged = [
-        {"file": os.path.basename(os.fspath(path)), "step": metadata.get("step")}
-        for path, (_, _, metadata) in zip(paths, loaded, strict=True)
-    ]
-    return model, tokenizer, without_measurements(loaded[-1][2]) | {"averaged": averaged}
 
 
 def _read_model_file(path: str | os.PathLike) -> dict:

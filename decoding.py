@@ -19,6 +19,7 @@ from torch import Tensor
 
 from config import DecodeConfig
 from model import CaptionModel
+from speculative import DraftTable, verify_drafts
 
 # Masks a score without the NaNs that -inf arithmetic would bring into beam scores (transformers uses the same).
 _EXCLUDED = -1.0e9
@@ -38,6 +39,7 @@ class Generation:
     token_logprobs: Tensor  # (B, R, T) float
     lengths: Tensor  # (B, R) long: generated tokens including EOS when it was reached
     scores: Tensor  # (B, R) float
+    passes: int | None = None  # decoder forward passes, where drafts were checked (speculative greedy)
 
 
 # ---- score processors: pure functions of (scores, the tokens so far) ----
@@ -147,7 +149,7 @@ def _one_token_per_step(
     tokens = torch.tensor(prompt, device=image_tokens.device).expand(rows, -1)  # (rows, P)
     prompt_length = tokens.shape[1]
     cache = model.start_cache(image_tokens, rows_per_image, prompt_length + config.max_new_tokens)
-    logits = model.decode_step(tokens, cache)
+    logits = model.decode_step(tokens, cache, 0)
     finished = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
     chosen_logprobs = []
     for step in range(config.max_new_tokens):
@@ -159,7 +161,7 @@ def _one_token_per_step(
         finished |= next_tokens == eos_token_id
         if finished.all() or step + 1 == config.max_new_tokens:
             break
-        logits = model.decode_step(next_tokens[:, None], cache)
+        logits = model.decode_step(next_tokens[:, None], cache, prompt_length + step)
     generated = tokens[:, prompt_length:]
     token_logprobs = torch.stack(chosen_logprobs, dim=1)
     shape = (images, rows_per_image)
@@ -221,14 +223,14 @@ def _beam(
     prompt_length = prompt_tokens.shape[1]
     max_length = prompt_length + config.max_new_tokens
     cache = model.start_cache(image_tokens, beams, max_length)
-    logits = model.decode_step(prompt_tokens.repeat_interleave(beams, dim=0), cache)
+    logits = model.decode_step(prompt_tokens.repeat_interleave(beams, dim=0), cache, 0)
     state = _Beams.start(prompt_tokens, beams, max_length, eos_token_id)
     for length in range(prompt_length, max_length):
         rows, done = _beam_step(state, logits, length, length - prompt_length, max_length, config, eos_token_id)
         cache.reorder(rows)
         if done:
             break
-        logits = model.decode_step(state.running[:, :, length].reshape(-1, 1), cache)
+        logits = model.decode_step(state.running[:, :, length].reshape(-1, 1), cache, length)
     return _beam_finish(state, prompt_length, config.num_return_sequences, eos_token_id)
 
 
@@ -328,16 +330,37 @@ def generate(
     eos_token_id: int,
     generator: torch.Generator | None = None,
     prefix_ids: Sequence[int] = (),
+    draft: DraftTable | None = None,
 ) -> Generation:
     """Captions for image tokens (B, N, C) from `model.encode`, by the strategy and options in `config`.
 
     Args:
         generator: the only source of randomness for sampling; None uses torch's global generator.
         prefix_ids: tokens the captions must continue (after BOS); they are not part of the output.
+        draft: for greedy decoding, a draft table (speculative.py): the same captions in fewer forward passes.
     """
+    prompt = (bos_token_id, *prefix_ids)
     with torch.inference_mode():
-        run = _STRATEGIES[config.strategy]
-        return run(model, image_tokens, config, (bos_token_id, *prefix_ids), eos_token_id, generator)
+        if config.strategy == "greedy" and draft is not None:
+            return _speculative_greedy(model, image_tokens, config, prompt, eos_token_id, draft)
+        return _STRATEGIES[config.strategy](model, image_tokens, config, prompt, eos_token_id, generator)
+
+
+def _speculative_greedy(
+    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    draft: DraftTable,
+) -> Generation:  # fmt: skip
+    def choose(logits: Tensor, tokens: Tensor, generated: int) -> Tensor:
+        return process_scores(logits, tokens, generated, config, eos_token_id).argmax(-1)
+
+    tokens, logprobs, passes = verify_drafts(
+        model, image_tokens, prompt, eos_token_id, draft, choose, config.max_new_tokens
+    )
+    generated = tokens[:, len(prompt) :]
+    return Generation(
+        generated[:, None], logprobs[:, None], caption_lengths(generated, eos_token_id)[:, None],
+        logprobs.sum(1)[:, None], passes,
+    )  # fmt: skip
 
 
 # The three strategies by name, over one signature: `config` (default DecodeConfig()) with `options` overriding its

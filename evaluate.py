@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from captioner import DEFAULT_MODEL, Captioner
-from checkpoint import CheckpointError, update_metadata
+from checkpoint import CheckpointError
 from cli import add_arguments, add_model_arguments, captioner_from_args, given_arguments
 from config import DecodeConfig
 from data import DataError, load_split
@@ -24,6 +24,7 @@ from familiarity import auroc
 from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
 from precision import DTYPES, QUANTIZED, native_half, qualifying_precisions, runs_natively
+from release import record
 
 
 def encode_split(captioner: Captioner, items: list, batch_size: int) -> tuple[list, dict[str, list[str]]]:
@@ -79,7 +80,7 @@ def choose_precision(
     print(f"{verb} precision: {accepted[0]} (at most 0.01 below float32, fastest first: {', '.join(accepted)})")
     if not arguments.record:
         return 0
-    update_metadata(
+    record(
         arguments.model or DEFAULT_MODEL,
         {
             "precision": accepted[0],
@@ -209,7 +210,7 @@ def score(
     texts = list(candidates.values())
     print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")
     if arguments.record:
-        update_metadata(
+        record(
             arguments.model or DEFAULT_MODEL,
             {
                 "metrics": {name: round(value, 4) for name, value in scores.items()},

@@ -299,8 +299,7 @@ class KVCache:
     values: Tensor  # (L, B, nh, T_max, hs)
     image_keys: tuple[Tensor, ...]  # per layer (B_img, nh, N, hs)
     image_values: tuple[Tensor, ...]  # per layer (B_img, nh, N, hs)
-    length: int = 0  # positions filled so far
-    prompt_length: int = 0  # of them, a prompt read before the caption (retrieval_reading "prompt"): not positions
+    prompt_length: int = 0  # slots before the text's position 0: a prompt read before it (retrieval_reading "prompt")
 
     @property
     def capacity(self) -> int:
@@ -335,28 +334,29 @@ class TextDecoder(nn.Module):
         image_keys: Sequence[Tensor],
         image_values: Sequence[Tensor],
         cache: KVCache | None = None,
+        position: int = 0,
         record: list[Tensor] | None = None,
         prompt: Tensor | None = None,
     ) -> Tensor:
-        """Final hidden states (B, T, C) for `input_ids` (B, T), at positions after what `cache` holds.
+        """Final hidden states (B, T, C) for `input_ids` (B, T) at text positions `position`..`position` + T.
 
-        `prompt` (B, P, C), input embeddings read before `input_ids` (without a cache): its states are not returned
-        and the text's positions start at 0 after it, as after a prompt held in the cache (`cache.prompt_length`).
+        With `cache`, their keys and values are written to it at those positions, and they attend to every earlier
+        position held there (its prompt included); what the cache holds beyond them is ignored and overwritten later,
+        so a caller goes back by passing an earlier position. Without `cache`, `position` must be 0, and `prompt`
+        (B, P, C), input embeddings read before `input_ids`, plays the cache's prompt: its states are not returned.
         """
-        start = 0 if cache is None else cache.length
-        first = 0 if cache is None else start - cache.prompt_length  # the text's own position
         length = input_ids.shape[1]
-        if first + length > self.config.n_positions:
+        if position + length > self.config.n_positions:
             raise ValueError(
-                f"sequence of {first + length} tokens exceeds the decoder's limit of {self.config.n_positions}"
+                f"sequence of {position + length} tokens exceeds the decoder's limit of {self.config.n_positions}"
             )
-        if cache is not None and start + length > cache.capacity:
-            raise ValueError(f"sequence of {start + length} tokens exceeds the cache's {cache.capacity}")
-        positions = torch.arange(first, first + length, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C)
+        if cache is not None and cache.prompt_length + position + length > cache.capacity:
+            raise ValueError(f"text positions up to {position + length} exceed the cache's {cache.capacity}")
+        x = self.wte(input_ids) + self.wpe(torch.arange(position, position + length, device=input_ids.device))
         if prompt is not None:
             x = torch.cat([prompt.to(x.dtype), x], dim=1)
-        x = self.run_blocks(self.drop(x), image_keys, image_values, cache, record)
+        start = 0 if cache is None else cache.prompt_length + position
+        x = self.run_blocks(self.drop(x), image_keys, image_values, cache, start, record)
         if prompt is not None:
             x = x[:, prompt.shape[1] :]
             if record is not None:
@@ -369,15 +369,13 @@ class TextDecoder(nn.Module):
         image_keys: Sequence[Tensor],
         image_values: Sequence[Tensor],
         cache: KVCache | None = None,
+        start: int = 0,
         record: list[Tensor] | None = None,
     ) -> Tensor:
-        """Every block over input embeddings x (B, T, C), after what `cache` holds (which then holds x too)."""
-        start = 0 if cache is None else cache.length
+        """Every block over input embeddings x (B, T, C), written to `cache` (if any) at slots start..start + T."""
         for layer, block in enumerate(self.h):
             cached = (None, None) if cache is None else (cache.keys[layer], cache.values[layer])
             x = block(x, image_keys[layer], image_values[layer], *cached, start=start, record=record)
-        if cache is not None:
-            cache.length = start + x.shape[1]
         return x
 
 
@@ -546,15 +544,15 @@ class CaptionModel(nn.Module):
             cache.prompt_length = prompt_length
         return cache
 
-    def decode_step(self, input_ids: Tensor, cache: KVCache) -> Tensor:
-        """Logits (B, vocab) for the token after `input_ids` (B, T), which continue what `cache` holds."""
-        hidden = self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache)
-        return self.logits(hidden[:, -1])
+    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        """Logits (B, vocab) for the token after `input_ids` (B, T), at text positions from `position` on: the
+        cache holds the caption's positions before it."""
+        return self.logits(self.decoder(input_ids, cache.image_keys, cache.image_values, cache, position)[:, -1])
 
-    def decode_positions(self, input_ids: Tensor, cache: KVCache) -> Tensor:
-        """Logits (B, T, vocab) after each position of `input_ids` (B, T), which continue what `cache` holds: one
-        forward pass checks several drafted tokens at once (speculative decoding)."""
-        return self.logits(self.decoder(input_ids, cache.image_keys, cache.image_values, cache=cache))
+    def decode_positions(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        """Logits (B, T, vocab) after each of `input_ids` (B, T), as `decode_step`: one forward pass checks several
+        drafted tokens at once (speculative decoding)."""
+        return self.logits(self.decoder(input_ids, cache.image_keys, cache.image_values, cache, position))
 
 
 def with_image_layout(model: CaptionModel, image_size: int | None, image_pool: int | None) -> CaptionModel:

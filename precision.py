@@ -11,6 +11,8 @@ from collections.abc import Collection
 import torch
 from torch import Tensor, nn
 
+from release import ModelInfo
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"
 BFLOAT16_INT8 = "bfloat16-int8"
@@ -124,12 +126,12 @@ def qualifying_precisions(scores: dict[str, dict[str, float]]) -> list[str]:
     ]
 
 
-def accepted_precisions(metadata: dict) -> list[str]:
+def accepted_precisions(info: ModelInfo) -> list[str]:
     """The precisions a model file's recorded scores qualify (evaluate.py --choose-precision), fastest first; files
     without scores name their accepted precisions, or before int8 only their one chosen precision."""
-    if "float32" in (metadata.get("precision_scores") or {}):
-        return qualifying_precisions(metadata["precision_scores"])
-    return list(metadata.get("precisions") or ([metadata["precision"]] if "precision" in metadata else []))
+    if "float32" in (info.precision_scores or {}):
+        return qualifying_precisions(info.precision_scores)
+    return list(info.precisions or ([info.precision] if info.precision else []))
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

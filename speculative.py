@@ -6,19 +6,18 @@ forward pass over them gives the model's own choice after each, and every drafte
 model would not have chosen is kept, plus the model's choice there. So each pass yields at least one token, and the
 kept tokens are the ones plain greedy decoding would have produced: the draft only decides how many come per pass.
 
-Rows of a batch keep the same number of tokens per pass (the fewest any row accepted), so the cache stays one
-length; a row that accepted more simply re-checks those tokens in the next pass.
+Rows of a batch keep the same number of tokens per pass (the fewest any row accepted), so they stay at one position;
+a row that accepted more simply re-checks those tokens in the next pass. Drafted tokens not kept leave keys in the
+cache beyond that position: the next pass writes over them, and nothing attends past its own position.
 """
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from config import DecodeConfig
-from decoding import Generation, caption_lengths, process_scores
 from model import CaptionModel
 
 
@@ -28,6 +27,7 @@ class DraftTable:
 
     order: int
     next_token: dict[tuple[int, ...], int]
+    tokens_per_pass: int = 4  # drafted tokens checked in one forward pass
 
     @classmethod
     def from_captions(
@@ -71,82 +71,59 @@ class DraftTable:
         return drafted
 
 
-@torch.inference_mode()
-def speculative_greedy(
+def verify_drafts(
     model: CaptionModel,
     image_tokens: Tensor,
-    config: DecodeConfig,
     prompt: Sequence[int],
     eos_token_id: int,
     table: DraftTable,
-    draft_tokens: int = 4,
-) -> tuple[Generation, int]:
-    """decoding's greedy Generation for `image_tokens`, several tokens per forward pass.
+    choose: Callable[[Tensor, Tensor, int], Tensor],
+    max_new_tokens: int,
+) -> tuple[Tensor, Tensor, int]:
+    """Greedy decoding of image tokens (B, N, C) with `table`'s drafts checked, several tokens per forward pass.
 
-    Returns (generation, passes): the `decoding.Generation`, and the decoder forward passes it took (plain greedy
-    takes one per token).
+    `choose(logits (B, V), tokens so far (B, L), tokens generated)` is plain greedy's choice of the next token.
+    Returns the tokens (B, P + T) after the prompt's P, each generated token's log-probability (B, T; 0 after the
+    end) and the decoder forward passes taken (plain greedy takes one per token).
     """
-    rows = image_tokens.shape[0]
-    device = image_tokens.device
+    rows, device = image_tokens.shape[0], image_tokens.device
     tokens = torch.tensor(prompt, device=device).expand(rows, -1)  # (B, P)
     prompt_length = tokens.shape[1]
     # Room for the longest caption and a draft after it, within the positions the decoder has.
-    cache = model.start_cache(
-        image_tokens, 1, min(model.config.n_positions, prompt_length + config.max_new_tokens + draft_tokens)
-    )
-    logits = model.decode_step(tokens, cache)  # (B, V): the next token's
+    room = min(model.config.n_positions, prompt_length + max_new_tokens + table.tokens_per_pass)
+    cache = model.start_cache(image_tokens, 1, room)
+    logits = model.decode_step(tokens, cache, 0)[:, None]  # (B, 1, V): after the prompt
+    drafts = tokens.new_zeros(rows, 0)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    chosen_logprobs: list[Tensor] = []
+    logprobs: list[Tensor] = []
     passes = 1
     while True:
-        # The model's choice, exactly as plain greedy makes it.
+        tokens, finished = _accept(logits, drafts, tokens, finished, logprobs, choose, prompt_length, eos_token_id)
         generated = tokens.shape[1] - prompt_length
-        choice = torch.where(
-            finished, eos_token_id, process_scores(logits.float(), tokens, generated, config, eos_token_id).argmax(-1)
-        )
-        chosen_logprobs.append(
-            torch.where(finished, 0.0, logits.float().log_softmax(-1).gather(1, choice[:, None])[:, 0])
-        )
-        tokens = torch.cat([tokens, choice[:, None]], dim=1)
-        finished |= choice == eos_token_id
-        generated += 1
-        if finished.all() or generated == config.max_new_tokens:
-            break
-        # Draft, check every drafted token in one pass, and keep those the model agrees with.
-        count = min(draft_tokens, config.max_new_tokens - generated - 1, cache.capacity - cache.length - 1)
-        if count == 0:
-            logits = model.decode_step(choice[:, None], cache)
-            passes += 1
-            continue
-        drafts = torch.tensor([table.draft(row, count, eos_token_id) for row in tokens.tolist()], device=device)
-        start = cache.length
-        all_logits = model.decode_positions(torch.cat([choice[:, None], drafts], dim=1), cache)  # (B, count + 1, V)
+        if finished.all() or generated == max_new_tokens:
+            return tokens, torch.stack(logprobs, dim=1), passes
+        count = min(table.tokens_per_pass, max_new_tokens - generated - 1, room - tokens.shape[1])
+        drafts = [table.draft(row, count, eos_token_id) for row in tokens.tolist()]
+        drafts = torch.tensor(drafts, dtype=torch.long, device=device).view(rows, count)
+        # The last chosen token and the drafts after it, at their positions: one pass, the logits after each.
+        checked = torch.cat([tokens[:, -1:], drafts], dim=1)
+        logits = model.decode_positions(checked, cache, tokens.shape[1] - 1)  # (B, count + 1, V)
         passes += 1
-        accepted = 0
-        for position in range(count):
-            step_logits = all_logits[:, position].float()
-            generated_here = tokens.shape[1] - prompt_length
-            model_choice = process_scores(step_logits, tokens, generated_here, config, eos_token_id).argmax(-1)
-            model_choice = torch.where(finished, eos_token_id, model_choice)
-            if not torch.equal(model_choice, drafts[:, position]):
-                break
-            logprob = step_logits.log_softmax(-1).gather(1, model_choice[:, None])[:, 0]
-            chosen_logprobs.append(torch.where(finished, 0.0, logprob))
-            tokens = torch.cat([tokens, model_choice[:, None]], dim=1)
-            finished |= model_choice == eos_token_id
-            accepted += 1
-            if finished.all():
-                break
-        cache.length = start + 1 + accepted  # forget the keys of the drafted tokens not kept
-        logits = all_logits[:, accepted]
-        if finished.all():
-            break
-    generated_tokens = tokens[:, prompt_length:]
-    token_logprobs = torch.stack(chosen_logprobs, dim=1)
-    generation = Generation(
-        generated_tokens[:, None],
-        token_logprobs[:, None],
-        caption_lengths(generated_tokens, eos_token_id)[:, None],
-        token_logprobs.sum(1)[:, None],
-    )
-    return generation, passes
+
+
+def _accept(
+    logits: Tensor, drafts: Tensor, tokens: Tensor, finished: Tensor, logprobs: list[Tensor],
+    choose: Callable[[Tensor, Tensor, int], Tensor], prompt_length: int, eos_token_id: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The model's choice after each checked position (logits (B, D + 1, V)) appended to `tokens`, while every row's
+    choice equals its draft (B, D); the first choice that differs is kept too. Returns (tokens, finished)."""
+    position = 0
+    while True:
+        step_logits = logits[:, position].float()
+        choice = torch.where(finished, eos_token_id, choose(step_logits, tokens, tokens.shape[1] - prompt_length))
+        logprobs.append(torch.where(finished, 0.0, step_logits.log_softmax(-1).gather(1, choice[:, None])[:, 0]))
+        tokens = torch.cat([tokens, choice[:, None]], dim=1)
+        finished = finished | (choice == eos_token_id)
+        if finished.all() or position == drafts.shape[1] or not torch.equal(choice, drafts[:, position]):
+            return tokens, finished
+        position += 1

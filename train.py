@@ -134,7 +134,15 @@ class Run:
         save_training_checkpoint(path, self.model, self.tokenizer, self.metadata(metrics), state)
 
     def metadata(self, metrics: dict) -> dict:
-        return {"trained_on": self.config.data, "metrics": metrics, "step": self.state.step}
+        """The checkpoint's record (release.ModelInfo): what it was trained on, and its validation scores."""
+        config = self.config
+        trained_on = (
+            f"{Path(config.data).name} ({config.train_splits.replace(',', ' + ')}: {len(self.train_data)} photos"
+        )
+        if config.mix_data:
+            trained_on += f", with photos of {Path(config.mix_data).name} mixed in"
+        scores = {"metrics": metrics, "metrics_split": "val"} if metrics else {}
+        return {"trained_on": trained_on + ")", "step": self.state.step} | scores
 
 
 def setup(config: TrainConfig) -> Run:

@@ -9,11 +9,12 @@ from captioner import Caption, Captioner, EncodedImages
 from checkpoint import save_captioner
 from config import DecodeConfig
 from images import ImageError
+from release import ModelInfo
 
 
 @pytest.fixture(scope="module")
 def captioner(captioning_model, tiny_tokenizer):
-    return Captioner(captioning_model, tiny_tokenizer, {"trained_on": "fixture"}, device="cpu")
+    return Captioner(captioning_model, tiny_tokenizer, ModelInfo(trained_on="fixture"), device="cpu")
 
 
 def _photo(seed=0, size=(40, 30)) -> Image.Image:
@@ -150,7 +151,7 @@ def test_caption_each_reads_later_batches_on_a_reader_thread_and_keeps_order_acr
 def test_load_from_a_file(tmp_path, captioning_model, tiny_tokenizer, captioner):
     save_captioner(tmp_path / "captioner.pt", captioning_model, tiny_tokenizer, {"trained_on": "fixture"})
     loaded = Captioner.load(tmp_path / "captioner.pt", device="cpu")
-    assert loaded.metadata == {"trained_on": "fixture"}
+    assert loaded.info == ModelInfo(trained_on="fixture")
     photo = _photo(12)
     assert loaded.caption([photo], GREEDY)[0].text == captioner.caption([photo], GREEDY)[0].text
 

@@ -137,6 +137,8 @@ def test_a_precision_qualifies_when_at_most_0_01_below_float32_and_scoring_highe
     }
     assert precision.qualifying_precisions(scores) == ["bfloat16-int8", "bfloat16", "float32"]
     # A model file's recorded scores are judged by the rule itself, so `auto` follows it for files made before it.
-    metadata = {"precision_scores": scores, "precisions": ["bfloat16", "float32"], "precision": "bfloat16"}
-    assert precision.accepted_precisions(metadata) == ["bfloat16-int8", "bfloat16", "float32"]
-    assert precision.accepted_precisions({"precision": "bfloat16"}) == ["bfloat16"]
+    from release import ModelInfo
+
+    recorded = ModelInfo(precision_scores=scores, precisions=("bfloat16", "float32"), precision="bfloat16")
+    assert precision.accepted_precisions(recorded) == ["bfloat16-int8", "bfloat16", "float32"]
+    assert precision.accepted_precisions(ModelInfo(precision="bfloat16")) == ["bfloat16"]

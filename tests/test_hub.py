@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 
 import hub
+from release import LIMITATIONS, ModelInfo
 from checkpoint import CheckpointError, checkpoint_dict, load_model_file, save_torch
 
 
@@ -24,7 +25,7 @@ def test_release_drops_training_state_halves_weights_and_checks_the_recommended_
     released = torch.load(tmp_path / "captioner.pt", weights_only=True)
     assert "training" not in released
     assert released["state_dict"]["decoder.wte.weight"].dtype == torch.float16
-    assert released["metadata"] == {"trained_on": "fixture", "decoding": {"num_beams": 4}}
+    assert released["metadata"] == {"trained_on": "fixture", "decoding": {"num_beams": 4}, "limitations": LIMITATIONS}
     with pytest.raises(ValueError, match="num_beams"):
         hub.release(tmp_path / "best.pt", tmp_path / "other.pt", {"decoding": {"num_beams": 0}})
     assert not (tmp_path / "other.pt").exists()
@@ -39,7 +40,7 @@ def test_release_at_another_image_size_resamples_the_position_embedding_and_forg
     save_torch(checkpoint_dict(tiny_model, tiny_tokenizer, {"trained_on": "fixture", **measured}), tmp_path / "a.pt")
     assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "big.pt"), "--image-size", "64"]) == 0
     model, _, metadata = load_model_file(tmp_path / "big.pt")
-    assert model.config.image_size == 64 and metadata == {"trained_on": "fixture"}
+    assert model.config.image_size == 64 and metadata == {"trained_on": "fixture", "limitations": LIMITATIONS}
     expected = with_image_layout(tiny_model, 64, None).encoder.vit.pos_embed.detach().half().float()
     torch.testing.assert_close(model.encoder.vit.pos_embed.detach(), expected)
     assert hub.main(["release", str(tmp_path / "a.pt"), str(tmp_path / "same.pt"), "--image-size", "32"]) == 0
@@ -117,7 +118,7 @@ from captioner import Captioner
 from checkpoint import CheckpointError
 for revision in (None, {commit!r}):
     captioner = Captioner.load("user/captioner", device="cpu", revision=revision)
-    print(captioner.metadata["trained_on"])
+    print(captioner.info.trained_on)
 try:
     Captioner.load("user/missing", device="cpu")
 except CheckpointError as error:
@@ -155,14 +156,15 @@ def test_push_uploads_the_model_and_a_generated_card(tmp_path, tiny_model, tiny_
     uploads = {call[1]: call[4] for call in calls[1:]}
     assert uploads["captioner.pt"] == (tmp_path / "captioner.pt").read_bytes()
     card = uploads["README.md"].decode()
-    assert "| CIDEr | 0.610 |" in card and "Flickr8k" in card and "pipeline_tag: image-to-text" in card
+    assert "| precision | BLEU-4 | CIDEr |" in card and "| float32 | 0.220 | 0.610 |" in card
+    assert "**Trained on**: Flickr8k" in card and "pipeline_tag: image-to-text" in card
 
 
 def test_the_model_card_is_a_hugging_face_card_with_the_shipped_test_scores():
     from huggingface_hub import ModelCard
 
-    metadata = load_model_file(ROOT / "captioner.pt")[2]
-    card = ModelCard(hub.model_card(metadata, "user/captioner"))
+    model, _, metadata = load_model_file(ROOT / "captioner.pt")
+    card = ModelCard(hub.model_card(ModelInfo.from_dict(metadata), model.config, "user/captioner"))
     data = card.data
     assert data.license == "other" and data.license_name == "flickr8k-research-only" and data.license_link
     assert data.language == "en" and data.datasets == ["flickr8k"] and data.pipeline_tag == "image-to-text"
@@ -302,3 +304,32 @@ def test_a_retrieval_fine_tune_averages_with_its_start_and_keeps_its_own_caption
         CheckpointError, match=r"(tuned|other).pt: a different model from .*(other|tuned).pt; cannot average"
     ):
         hub.release([tmp_path / "tuned.pt", tmp_path / "other.pt"], tmp_path / "mixed.pt")
+
+
+def test_a_model_files_record_refuses_a_key_it_does_not_know_and_the_captioner_says_so_in_one_line(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    from captioner import Captioner
+    from checkpoint import save_captioner
+
+    assert ModelInfo.from_dict({"trained_on": "x", "step": 3}).to_dict() == {"trained_on": "x", "step": 3}
+    with pytest.raises(ValueError, match="does not know: colour, size"):
+        ModelInfo.from_dict({"trained_on": "x", "size": 1, "colour": "red"})
+    save_captioner(tmp_path / "odd.pt", tiny_model, tiny_tokenizer, {"trained_on": "x", "mood": "happy"})
+    with pytest.raises(CheckpointError, match=r"odd.pt: the model file records what this code does not know: mood"):
+        Captioner.load(tmp_path / "odd.pt", device="cpu")
+
+
+def test_what_was_measured_on_the_weights_is_dropped_and_the_rest_kept():
+    info = ModelInfo.from_dict(
+        {"trained_on": "x", "recipe": ["python train.py"], "metrics": {"CIDEr": 0.6}, "precisions": ["bfloat16"],
+         "familiarity": {"k": 1}, "decoding": {"num_beams": 3}}
+    )  # fmt: skip
+    assert info.without_measurements().to_dict() == {
+        "trained_on": "x", "recipe": ["python train.py"], "decoding": {"num_beams": 3}
+    }  # fmt: skip
+
+
+def test_docs_model_card_is_the_card_the_shipped_files_record_renders(capsys):
+    assert hub.main(["card", str(ROOT / "captioner.pt")]) == 0
+    assert (ROOT / "docs" / "model-card.md").read_text() == capsys.readouterr().out

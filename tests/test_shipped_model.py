@@ -29,9 +29,9 @@ def captioner():
 
 def test_shipped_model_is_small_and_documents_itself(captioner):
     assert DEFAULT_MODEL.stat().st_size <= 95 * 2**20  # issue #13: the file stays within 95 MiB
-    metadata = captioner.metadata
-    assert metadata["trained_on"] and metadata["decoding"] and metadata["metrics_split"] == "test"
-    assert {"BLEU-4", "METEOR", "CIDEr"} <= set(metadata["metrics"])
+    info = captioner.info
+    assert info.trained_on and info.decoding and info.metrics_split == "test"
+    assert {"BLEU-4", "METEOR", "CIDEr"} <= set(info.metrics)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from conftest import make_decisive
 import decoding
 from config import PRESETS, DecodeConfig
 from model import CaptionModel
-from speculative import DraftTable, speculative_greedy
+from speculative import DraftTable
 
 BOS, EOS = 1, 0
 
@@ -42,8 +42,8 @@ def test_speculative_greedy_equals_plain_greedy(seed, config, draft_from):
     else:  # drafts that are mostly wrong: one token per pass, still the same output
         captions = [torch.randint(2, 50, (8,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(30)]
     table = DraftTable.from_captions(captions, BOS, EOS)
-    with torch.inference_mode():
-        fast, passes = speculative_greedy(model, images, config, (BOS, *prefix), EOS, table)
+    fast = decoding.generate(model, images, config, bos_token_id=BOS, eos_token_id=EOS, prefix_ids=prefix, draft=table)
+    passes = fast.passes
     assert torch.equal(fast.lengths, plain.lengths)
     width = int(plain.lengths.max())
     assert torch.equal(fast.sequences[..., :width], plain.sequences[..., :width])
@@ -61,9 +61,8 @@ def test_speculative_greedy_drafts_only_as_far_as_the_decoders_positions_reach(p
     config = DecodeConfig(strategy="greedy", max_new_tokens=room, min_new_tokens=room)
     plain = decoding.generate(model, images, config, bos_token_id=BOS, eos_token_id=EOS, prefix_ids=prefix)
     captions = [row.tolist() for row in plain.sequences[:, 0]]
-    with torch.inference_mode():
-        table = DraftTable.from_captions(captions, BOS, EOS)
-        fast, _ = speculative_greedy(model, images, config, (BOS, *prefix), EOS, table)
+    table = DraftTable.from_captions(captions, BOS, EOS)
+    fast = decoding.generate(model, images, config, bos_token_id=BOS, eos_token_id=EOS, prefix_ids=prefix, draft=table)
     assert int(plain.lengths.min()) == room
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.lengths, plain.lengths)
 

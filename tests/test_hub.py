@@ -11,8 +11,8 @@ import torch
 from conftest import ROOT
 
 import hub
-from release import LIMITATIONS, ModelInfo
 from checkpoint import CheckpointError, checkpoint_dict, load_model_file, save_torch
+from release import LIMITATIONS, ModelInfo
 
 
 def test_release_drops_training_state_halves_weights_and_checks_the_recommended_decoding(

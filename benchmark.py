@@ -1,11 +1,12 @@
 """Decoding speed, side by side in one process: our decoder vs transformers' GPT-2 `generate()`.
 
-    python benchmark.py                     # the full table
+    python benchmark.py                     # decoders: the full table
     python benchmark.py --quick             # fewer tokens and repeats, well under a minute on a 2-core CPU
     python benchmark.py --dtype bfloat16    # both decoders in bfloat16
-    python benchmark.py --end-to-end --data ../shared/data/flickr8k --limit 100   # the shipped model, JPEG to text
-    python benchmark.py --datastore-entries 100000   # a retrieval model's nearest-photo search at that size
-    python benchmark.py --labels --model captioner.pt   # what the ImageNet labels add to each photo's encoding
+    python benchmark.py end-to-end --data DATA --limit 100   # the shipped model, JPEG to text
+    python benchmark.py speculative --data DATA --limit 100  # plain against speculative greedy decoding
+    python benchmark.py retrieval --entries 100000           # a retrieval model's nearest-photo search at that size
+    python benchmark.py labels --model captioner.pt          # what the ImageNet labels add to each photo's encoding
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -346,57 +347,61 @@ def _row(row: dict) -> str:
     )
 
 
+COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["decoders", *argv]  # the plain form compares the decoders
     parser = _parser()
     arguments = parser.parse_args(argv)
-    if arguments.labels:
-        return _print_labels(arguments)
-    if arguments.datastore_entries:
-        return _print_retrieval(arguments)
-    if arguments.end_to_end:
-        return _print_end_to_end(arguments)
-    if arguments.speculative:
-        if arguments.draft_order and arguments.data is None:
-            parser.error("--draft-order builds a table from --data's training captions: pass --data")
-        return _print_speculative(arguments)
-    return _print_decoders(arguments)
+    if arguments.command == "speculative" and arguments.draft_order and arguments.data is None:
+        parser.error("--draft-order builds a table from --data's training captions: pass --data")
+    report = {
+        "decoders": _print_decoders, "end-to-end": _print_end_to_end, "speculative": _print_speculative,
+        "retrieval": _print_retrieval, "labels": _print_labels,
+    }  # fmt: skip
+    return report[arguments.command](arguments)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under a minute on 2 cores)")
-    parser.add_argument("--presets", nargs="+", default=["small", "vit-gpt2"], choices=sorted(PRESETS))
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per caption (default 20)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median reported (default 5)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of both decoders")
-    parser.add_argument(
-        "--speculative", action="store_true", help="instead: plain vs speculative greedy on a trained model's captions"
-    )
-    parser.add_argument("--model", default=None, help="with --speculative: the model file (default: captioner.pt)")
-    parser.add_argument("--data", default=None, help="with --speculative: the data set (test images, train captions)")
-    parser.add_argument("--limit", type=int, default=100, help="with --speculative/--end-to-end: images captioned")
-    parser.add_argument(
-        "--draft-order", type=int, default=0, help="with --speculative: n-gram order of a table built from --data "
-        "(0: the model file's table)"
+    commands = parser.add_subparsers(dest="command", required=True)
+    trained = argparse.ArgumentParser(add_help=False)
+    trained.add_argument("--model", default=None, help="the model file (default: captioner.pt)")
+    trained.add_argument("--repeats", type=int, default=None, help="timed runs, median reported")
+    decoders = commands.add_parser("decoders", help="our decoder against transformers' generate() (the default)")
+    decoders.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under a minute on 2 cores)")
+    decoders.add_argument("--presets", nargs="+", default=["small", "vit-gpt2"], choices=sorted(PRESETS))
+    decoders.add_argument("--new-tokens", type=int, default=None, help="tokens generated per caption (default 20)")
+    decoders.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median reported (default 5)")
+    decoders.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of both decoders")
+    end_to_end = commands.add_parser(
+        "end-to-end", parents=[trained], help="JPEG to caption on a trained model (--data's test split or examples/), "
+        "ours in float32 and in each faster precision the model records, against timm + transformers",
     )  # fmt: skip
-    parser.add_argument("--draft-tokens", type=int, default=4, help="with --speculative: tokens drafted per pass")
-    parser.add_argument(
-        "--end-to-end",
-        action="store_true",
-        help="instead: JPEG to caption on a trained model (--model, --data's test split or examples/), ours in "
-        "float32 and in each faster precision the model records, against timm + transformers",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="with --end-to-end: images per folder batch")
-    parser.add_argument(
+    end_to_end.add_argument("--data", default=None, help="the data set whose test photos are captioned")
+    end_to_end.add_argument("--limit", type=int, default=100, help="images captioned")
+    end_to_end.add_argument("--batch-size", type=int, default=16, help="images per folder batch")
+    end_to_end.add_argument(
         "--also", nargs="+", default=(), choices=[p for p in PRECISIONS if p not in ("auto", "float32")],
-        help="with --end-to-end: time these precisions too, whether or not the model file records them",
+        help="time these precisions too, whether or not the model file records them",
     )  # fmt: skip
-    parser.add_argument(
-        "--datastore-entries", type=int, default=0, help="instead: time the nearest-photo search at this many photos"
+    speculative = commands.add_parser(
+        "speculative", parents=[trained], help="plain against speculative greedy on a trained model's captions"
     )
-    parser.add_argument(
-        "--labels", action="store_true", help="instead: the encoder's time with and without the ImageNet labels"
+    speculative.add_argument("--data", default=None, help="the data set (test images, train captions)")
+    speculative.add_argument("--limit", type=int, default=100, help="images captioned")
+    speculative.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of the model")
+    speculative.add_argument(
+        "--draft-order", type=int, default=0, help="n-gram order of a table built from --data (0: the model file's)"
     )
+    speculative.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass")
+    retrieval = commands.add_parser("retrieval", help="the nearest-photo search of a datastore this large")
+    retrieval.add_argument("--entries", type=int, default=100_000, help="photos in the datastore")
+    retrieval.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 20)")
+    commands.add_parser("labels", parents=[trained], help="the encoder's time with and without the ImageNet labels")
     return parser
 
 
@@ -413,8 +418,8 @@ def _print_labels(arguments: argparse.Namespace) -> int:
 
 
 def _print_retrieval(arguments: argparse.Namespace) -> int:
-    """The nearest-photo search at --datastore-entries photos."""
-    report = retrieval_report(arguments.datastore_entries, arguments.repeats or 20)
+    """The nearest-photo search at --entries photos."""
+    report = retrieval_report(arguments.entries, arguments.repeats or 20)
     print(
         f"datastore of {report['entries']:,} photos, 4 nearest by exact search, {torch.get_num_threads()} threads: "
         f"{report['one_ms']:.1f} ms for one photo, {report['batch_ms']:.2f} ms a photo in batches of 16"

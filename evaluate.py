@@ -1,6 +1,9 @@
 """Score a model on a data split: caption every image, then BLEU-1..4, METEOR, ROUGE-L and CIDEr (metrics.py).
 
-python evaluate.py --model captioner.pt --data ../shared/data/flickr8k --split test [--num-beams 5 ...]
+python evaluate.py --model captioner.pt --data DATA --split test [--num-beams 5 ...]    # score (the default)
+python evaluate.py sweep --data DATA --split val num_beams=3,5 length_penalty=1,2       # choose the decoding
+python evaluate.py precision --model FILE --data DATA --split test [--record]          # the faster precisions
+python evaluate.py familiarity --data DATA --split test OOD_DIR                         # the unfamiliar-photo flag
 """
 
 import argparse
@@ -150,7 +153,13 @@ def _sweep_values(text: str) -> tuple[str, list]:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
 
 
+COMMANDS = ("score", "sweep", "precision", "familiarity")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["score", *argv]  # the plain form scores
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -160,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = load_split(arguments.data, arguments.split)
         if arguments.limit:
             items = items[: arguments.limit]
-        if arguments.choose_precision:
+        if arguments.command == "precision":
             arguments.dtype = "float32"  # the baseline the faster precisions are held to
         captioner = captioner_from_args(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
@@ -174,13 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if arguments.choose_precision:
+    if arguments.command == "precision":
         captions = caption_encoded(captioner, encoded, config)
         return choose_precision(arguments, items, captioner, config, captions, references)
-    if arguments.ood:
+    if arguments.command == "familiarity":
         return familiarity_report(captioner, encoded, config, arguments.ood, arguments.split, arguments.batch_size)
-    if arguments.sweep:
-        return sweep(captioner, encoded, config, references, arguments.sweep)
+    if arguments.command == "sweep":
+        return sweep(captioner, encoded, config, references, arguments.values)
     return score(captioner, encoded, config, references, arguments, argv)
 
 
@@ -228,43 +237,40 @@ def score(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    shared = argparse.ArgumentParser(add_help=False, formatter_class=argparse.RawTextHelpFormatter)
+    add_model_arguments(shared)
+    shared.add_argument("--data", required=True, help="data set (see data.py for the layouts)")
+    shared.add_argument("--split", default="test")
+    shared.add_argument("--batch-size", type=int, default=16)
+    shared.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
+    add_arguments(shared, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[shared], formatter_class=argparse.RawTextHelpFormatter)
+
+    scoring = command("score", "caption the split and score it (the default)")
+    scoring.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
+    scoring.add_argument("--record", action="store_true", help="write the scores into the model file's record")
+    sweeping = command("sweep", "score every combination of decoding values, encoding the images once")
+    sweeping.add_argument(
+        "values", nargs="+", type=_sweep_values, metavar="FIELD=V1,V2",
+        help="e.g. num_beams=3,5 length_penalty=1,2: to choose the default decoding on the val split",
+    )  # fmt: skip
+    precisions = command(
+        "precision",
+        "score float32, this machine's native half precision and int8; print those whose CIDEr and BLEU-4\n"
+        "are at most 0.01 below float32's, fastest first",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="data set (see data.py for the layouts)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
-    parser.add_argument("--output", type=Path, help="write each image's caption to this JSONL file")
-    parser.add_argument(
-        "--record",
-        action="store_true",
-        help="write the scores (with --choose-precision: the qualifying precisions) into the model file's metadata;\n"
-        "nothing else rewrites a model file",
+    precisions.add_argument(
+        "--record", action="store_true", help="write them into the model file: what --dtype auto then uses"
     )
-    parser.add_argument(
-        "--ood",
-        type=Path,
-        metavar="DIR",
-        help="instead: the unfamiliar-photo flag on the split against the out-of-domain images in DIR\n"
-        "(made by scripts/ood_images.py): shares flagged and AUROCs, against confidence alone",
-    )
-    parser.add_argument(
-        "--choose-precision",
-        action="store_true",
-        help="score float32, this machine's native half precision and int8; print those whose CIDEr and BLEU-4\n"
-        "are at most 0.01 below float32's, fastest first (with --record: what --dtype auto then uses)",
-    )
-    parser.add_argument(
-        "--sweep",
-        nargs="+",
-        type=_sweep_values,
-        metavar="FIELD=V1,V2",
-        help="score every combination of these decoding values instead, encoding the images once\n"
-        "(e.g. --sweep num_beams=3,5 length_penalty=1,2), to choose the default decoding on the val split",
-    )
-    add_arguments(parser, DecodeConfig, only_given=True)  # the model's recommended decoding fills the rest
+    familiar = command("familiarity", "the unfamiliar-photo flag on the split against out-of-domain images")
+    familiar.add_argument(
+        "ood", type=Path, metavar="DIR",
+        help="out-of-domain images (scripts/ood_images.py): shares flagged and AUROCs, against confidence alone",
+    )  # fmt: skip
     return parser
 
 

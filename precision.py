@@ -127,7 +127,7 @@ def qualifying_precisions(scores: dict[str, dict[str, float]]) -> list[str]:
 
 
 def accepted_precisions(info: ModelInfo) -> list[str]:
-    """The precisions a model file's recorded scores qualify (evaluate.py --choose-precision), fastest first; files
+    """The precisions a model file's recorded scores qualify (evaluate.py precision), fastest first; files
     without scores name their accepted precisions, or before int8 only their one chosen precision."""
     if "float32" in (info.precision_scores or {}):
         return qualifying_precisions(info.precision_scores)

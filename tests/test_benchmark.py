@@ -32,7 +32,7 @@ def test_end_to_end_table_compares_float32_the_default_precision_and_timm_transf
     # the default one unless the CPU computes bfloat16 natively.
     metadata = {"decoding": {"num_beams": 3, "max_new_tokens": 8}, "precisions": ["bfloat16", "int8", "float32"]}
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, metadata)
-    argv = ["--end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "3", "--batch-size", "2"]
+    argv = ["end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "3", "--batch-size", "2"]
     assert benchmark.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [
@@ -66,7 +66,7 @@ def test_end_to_end_times_precisions_the_model_file_does_not_record_when_asked(
     from checkpoint import save_captioner
 
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"decoding": {"max_new_tokens": 4}})
-    argv = ["--end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "1", "--batch-size", "1"]
+    argv = ["end-to-end", "--model", str(tmp_path / "model.pt"), "--limit", "1", "--batch-size", "1"]
     assert benchmark.main([*argv, "--also", "int8"]) == 0
     rows = [line.strip("| ").split(" | ")[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert ["ours", "int8"] in rows and not any(row[0] == "ours, default" for row in rows)  # auto stays float32
@@ -91,7 +91,7 @@ def test_speculative_report_matches_plain_greedy_with_the_files_table_or_one_bui
         for name, caption in zip(("cat.jpg", "coffee.jpg", "rocket.jpg"), captions, strict=False):
             shutil.copy(ROOT / "examples" / name, tmp_path / "data" / split / name)
             (tmp_path / "data" / split / name).with_suffix(".txt").write_text(caption + "\n")
-    model = ["--speculative", "--model", str(tmp_path / "model.pt"), "--limit", "3"]
+    model = ["speculative", "--model", str(tmp_path / "model.pt"), "--limit", "3"]
     assert benchmark.main(model) == 0
     assert "draft of 4 tokens: identical ids for 3 of 3" in capsys.readouterr().out
     assert benchmark.main([*model, "--data", str(tmp_path / "data"), "--draft-order", "4", "--draft-tokens", "6"]) == 0
@@ -99,3 +99,8 @@ def test_speculative_report_matches_plain_greedy_with_the_files_table_or_one_bui
     with pytest.raises(SystemExit):
         benchmark.main([*model, "--draft-order", "4"])
     assert "pass --data" in capsys.readouterr().err
+
+
+def test_the_retrieval_report_times_a_datastore_of_the_asked_size(capsys):
+    assert benchmark.main(["retrieval", "--entries", "2000", "--repeats", "2"]) == 0
+    assert "datastore of 2,000 photos, 4 nearest by exact search" in capsys.readouterr().out

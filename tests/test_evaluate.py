@@ -88,6 +88,12 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
         evaluate.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--split", "val"]) == 2
     )
     assert "no 'val' split" in capsys.readouterr().err
+    sweep = ["sweep", *argv[:6], "--strategy", "beam", "--max-new-tokens", "5", "num_beams=1,2", "length_penalty=1,2"]
+    assert evaluate.main(sweep) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("num_beams=")]
+    settings = [line.split(":")[0] for line in lines]
+    assert settings == [f"num_beams={b} length_penalty={p}" for b in (1, 2) for p in (1.0, 2.0)], lines
+    assert all("CIDEr" in line and "distinct" in line for line in lines)
 
 
 @needs_java
@@ -108,10 +114,10 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
     before = (tmp_path / "model.pt").read_bytes()
-    assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision"]) == 0
+    assert evaluate.main(["precision", *argv, "--max-new-tokens", "6"]) == 0
     assert (tmp_path / "model.pt").read_bytes() == before  # nothing rewrites a model file without --record
     assert "qualifying (--record writes it into the model file) precision:" in capsys.readouterr().out
-    assert evaluate.main([*argv, "--max-new-tokens", "6", "--choose-precision", "--record"]) == 0
+    assert evaluate.main(["precision", *argv, "--max-new-tokens", "6", "--record"]) == 0
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
     assert set(scores) == {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())

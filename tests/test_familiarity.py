@@ -101,7 +101,7 @@ def test_evaluate_reports_flag_rates_and_aurocs_against_an_out_of_domain_folder(
         shutil.copy(path, target)
         target.with_suffix(".txt").write_text("a photo\n")
     argv = ["--model", str(banked_model[0]), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
-    assert evaluate.main([*argv, "--max-new-tokens", "4", "--ood", str(tmp_path / "ood")]) == 0
+    assert evaluate.main(["familiarity", *argv, "--max-new-tokens", "4", str(tmp_path / "ood")]) == 0
     out = capsys.readouterr().out
     others = len(EXAMPLES) - 1
     assert f"flagged as unfamiliar: test 0 of 1 (0.0%), out-of-domain {others} of {others} (100.0%)" in out

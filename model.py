@@ -532,16 +532,19 @@ class CaptionModel(nn.Module):
         if max_length > self.config.n_positions:
             raise ValueError(f"max_length {max_length} exceeds the decoder's n_positions={self.config.n_positions}")
         image_tokens, prompt = self._split_prompt(image_tokens)
-        prompt_length = 0 if prompt is None else prompt.shape[1]
         image_keys, image_values = self.decoder.image_keys_values(image_tokens)
         images, n_head, _, head_size = image_keys[0].shape
-        shape = (len(image_keys), images * rows_per_image, n_head, prompt_length + max_length, head_size)
-        empty = image_keys[0].new_empty(shape)
-        cache = KVCache(empty, torch.empty_like(empty), image_keys, image_values)
-        if prompt is not None:
-            rows = prompt.repeat_interleave(rows_per_image, dim=0).to(empty.dtype)
-            self.decoder.run_blocks(self.decoder.drop(rows), image_keys, image_values, cache)
-            cache.prompt_length = prompt_length
+        if prompt is None:
+            empty = image_keys[0].new_empty((len(image_keys), images * rows_per_image, n_head, max_length, head_size))
+            return KVCache(empty, torch.empty_like(empty), image_keys, image_values)
+        # The prompt is read once per image, then its keys and values are copied to each of the image's rows.
+        length = prompt.shape[1] + max_length
+        empty = image_keys[0].new_empty((len(image_keys), images, n_head, length, head_size))
+        cache = KVCache(empty, torch.empty_like(empty), image_keys, image_values, prompt_length=prompt.shape[1])
+        self.decoder.run_blocks(self.decoder.drop(prompt.to(empty.dtype)), image_keys, image_values, cache)
+        if rows_per_image > 1:
+            cache.keys = cache.keys.repeat_interleave(rows_per_image, dim=1)
+            cache.values = cache.values.repeat_interleave(rows_per_image, dim=1)
         return cache
 
     def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:

@@ -853,11 +853,11 @@ def validate(
     metrics = {"val_loss": round(total_loss / max(1, total_tokens), 4)}
     captioner = Captioner(model, tokenizer, device=device)
     decode = DecodeConfig(strategy="beam", num_beams=config.eval_beams, max_new_tokens=data.max_tokens)
-    texts = (
-        [c.text for c in captioner.caption(EncodedImages(torch.cat(encoded), includes_memory=True), decode)]
-        if encoded
-        else []
-    )
+    texts = [  # a batch at a time: the decoding cache of every val photo at once would not fit in memory
+        caption.text
+        for tokens in encoded
+        for caption in captioner.caption(EncodedImages(tokens, includes_memory=True), decode)
+    ]
     for item, text in list(zip(data.items, texts, strict=False))[:4]:
         logger.info("  %s: %s  (reference: %s)", item.image.name, text, item.captions[0])
     if texts:

@@ -107,7 +107,7 @@ def deploy_space(
     return str(url), sent
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("release", help="make a shippable model file from a training checkpoint")
@@ -136,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     space.add_argument("repo_id", help="USER/SPACE")
     space.add_argument("--model", default=None, help=f"the model file to serve (default: this folder's {HUB_FILENAME})")
     space.add_argument("--private", action="store_true")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
     try:
         if arguments.command == "release":
             extra = dict(arguments.metadata or {})

@@ -783,18 +783,18 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
 
 def parameter_groups(model: CaptionModel, config: TrainConfig, head: nn.Module | None = None) -> list[dict]:
     """AdamW groups: matrices decay, biases and norms do not; the encoder's trainable blocks learn slower than the
-    decoder and the distillation `head` (if any)."""
+    decoder and the objective's own `head` (if any: distillation's)."""
     encoder = {id(p) for p in model.encoder.trainable_parameters(config.unfreeze_blocks)}
     frozen = {id(p) for p in model.encoder.parameters()} - encoder
     groups: dict[tuple[str, bool], list] = {
-        (part, decay): [] for part in ("decoder", "encoder", "distillation head") for decay in (True, False)
+        (part, decay): [] for part in ("decoder", "encoder", "objective head") for decay in (True, False)
     }
     for parameter in model.parameters():
         if id(parameter) not in frozen:
             part = "encoder" if id(parameter) in encoder else "decoder"
             groups[(part, parameter.dim() >= 2)].append(parameter)
     for parameter in head.parameters() if head is not None else ():
-        groups[("distillation head", parameter.dim() >= 2)].append(parameter)
+        groups[("objective head", parameter.dim() >= 2)].append(parameter)
     result = []
     for (part, decay), parameters in groups.items():
         if parameters:

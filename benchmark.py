@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 import decoding
 from captioner import Captioner
+from cli import with_default_command
 from config import PRECISIONS, PRESETS, DecodeConfig
 from data import load_split
 from images import load_image
@@ -351,9 +352,7 @@ COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv = ["decoders", *argv]  # the plain form compares the decoders
+    argv = with_default_command(argv, COMMANDS, "decoders")
     parser = _parser()
     arguments = parser.parse_args(argv)
     if arguments.command == "speculative" and arguments.draft_order and arguments.data is None:

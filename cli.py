@@ -1,9 +1,12 @@
-"""What the command lines share: one flag per dataclass field, and the flags that choose and place the model."""
+"""What the command lines share: one flag per dataclass field, the flags that choose and place the model, and a
+default subcommand."""
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from captioner import Captioner
@@ -87,3 +90,10 @@ def captioner_from_args(arguments: argparse.Namespace) -> Captioner:
         arguments.model, device=arguments.device, revision=arguments.revision, dtype=arguments.dtype,
         datastore=arguments.datastore, datastore_only=arguments.datastore_only,
     )  # fmt: skip
+
+
+def with_default_command(argv: Sequence[str] | None, commands: Sequence[str], default: str) -> list[str]:
+    """The arguments (default: the process's), led by `default` unless they start with one of `commands` or ask
+    for help: a command line whose plain form kept working when it gained subcommands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv if argv and argv[0] in (*commands, "-h", "--help") else [default, *argv]

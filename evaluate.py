@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from captioner import DEFAULT_MODEL, Captioner
 from checkpoint import CheckpointError
-from cli import add_arguments, add_model_arguments, captioner_from_args, given_arguments
+from cli import add_arguments, add_model_arguments, captioner_from_args, given_arguments, with_default_command
 from config import DecodeConfig
 from data import DataError, load_split
 from familiarity import auroc
@@ -157,9 +157,7 @@ COMMANDS = ("score", "sweep", "precision", "familiarity")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv = ["score", *argv]  # the plain form scores
+    argv = with_default_command(argv, COMMANDS, "score")
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -208,7 +206,7 @@ def sweep(
 
 def score(
     captioner: Captioner, encoded: list, config: DecodeConfig, references: dict, arguments: argparse.Namespace,
-    argv: Sequence[str] | None,
+    argv: Sequence[str],
 ) -> int:  # fmt: skip
     """Caption and score the split; with --record write the scores into the model file, with --output the captions
     into a JSONL file."""
@@ -226,7 +224,7 @@ def score(
                 "metrics_split": arguments.split,
                 "metrics_images": len(texts),
                 "distinct_captions": round(distinct_ratio(texts), 4),
-                "metrics_command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "metrics_command": "python evaluate.py " + " ".join(argv),
             },
         )
     if arguments.output:

@@ -85,9 +85,13 @@ class ModelInfo:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        """What is recorded, as plain values for the model file (fields left empty are left out)."""
+        """What is recorded, as plain values for the model file (fields left unset, None or (), are left out)."""
         recorded = {item.name: getattr(self, item.name) for item in fields(self)}
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in recorded.items() if value}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in recorded.items()
+            if value is not None and value != ()
+        }
 
     def without_measurements(self) -> "ModelInfo":
         """This record less what was measured on its weights: for a model averaged or resized from them."""

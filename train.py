@@ -56,7 +56,7 @@ from distill import Distiller, TeacherMissingError, teacher_logits
 from features import FeatureCache
 from images import ImageError, ImageTransform, load_image
 from metrics import METRICS, JavaMissingError, distinct_ratio, format_metrics, score_captions
-from model import IGNORE_INDEX, CaptionModel, with_image_layout, with_retrieval
+from model import IGNORE_INDEX, CaptionModel, caption_loss, with_image_layout, with_retrieval
 from precision import autocast_dtype, default_device
 from pretrained import from_parts
 from retrieval import Datastore, memory_ids
@@ -558,19 +558,6 @@ class Batch:
     memory_ids: Tensor | None = None  # a retrieval model's memory: the nearest photos' captions (B, k * tokens)
 
 
-def batch_loss(
-    model: nn.Module, batch: Batch, dtype: torch.dtype | None, device: torch.device, label_smoothing: float = 0.0
-) -> Tensor:
-    """The mean token cross-entropy of a batch, under autocast to `dtype` (None: float32); training and
-    validation both use it. `model` is the CaptionModel or its DistributedDataParallel wrapper."""
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        _, loss = model(
-            batch.images, batch.input_ids, batch.labels, start_block=batch.start_block, memory_ids=batch.memory_ids,
-            label_smoothing=label_smoothing,
-        )  # fmt: skip
-    return loss
-
-
 def optimizer_step(
     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float, grad_clip: float
 ) -> float:
@@ -842,14 +829,16 @@ def validate(
     count = len(data) if not config.eval_images else min(config.eval_images, len(data))
     for start in range(0, len(data), config.batch_size):
         batch = data.batch(range(start, min(start + config.batch_size, len(data))), None, device)
-        with torch.inference_mode():
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            image_tokens = model.encode(batch.images, batch.start_block, batch.memory_ids)  # once for loss and captions
             tokens = int((batch.labels != IGNORE_INDEX).sum())
-            total_loss += float(batch_loss(model, batch, dtype, device)) * tokens
+            total_loss += float(caption_loss(model.decode(batch.input_ids, image_tokens), batch.labels)) * tokens
             total_tokens += tokens
             if start < count:
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    memory = None if batch.memory_ids is None else batch.memory_ids[: count - start]
-                    encoded.append(model.encode(batch.images[: count - start], batch.start_block, memory).float())
+                encoded.append(image_tokens[: count - start].float())
     metrics = {"val_loss": round(total_loss / max(1, total_tokens), 4)}
     captioner = Captioner(model, tokenizer, device=device)
     decode = DecodeConfig(strategy="beam", num_beams=config.eval_beams, max_new_tokens=data.max_tokens)

@@ -7,6 +7,7 @@
     python benchmark.py speculative --data DATA --limit 100  # plain against speculative greedy decoding
     python benchmark.py retrieval --entries 100000           # a retrieval model's nearest-photo search at that size
     python benchmark.py labels --model captioner.pt          # what the ImageNet labels add to each photo's encoding
+    python benchmark.py int8-rows                            # int8 decoder weights against bfloat16, by rows
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -35,11 +36,20 @@ from torch import Tensor, nn
 import decoding
 from captioner import Captioner
 from cli import with_default_command
-from config import PRECISIONS, PRESETS, DecodeConfig
+from config import PRESETS, DecodeConfig
 from data import load_split
 from images import load_image
 from model import CaptionModel
-from precision import DTYPES, accepted_precisions, inference_precision, runs_natively
+from precision import (
+    DTYPES,
+    SPEED_ORDER,
+    Int8WeightLinear,
+    accepted_precisions,
+    inference_setting,
+    runs_natively,
+    setting_name,
+    split_setting,
+)
 from pretrained import to_gpt2
 from retrieval import Datastore
 from speculative import DraftTable
@@ -272,19 +282,24 @@ def end_to_end_report(
         return run
 
     recorded = accepted_precisions(float32.info)
-    default = inference_precision("auto", float32.device, recorded)
+    default = setting_name(*inference_setting("auto", "auto", float32.device, recorded))
     pipelines = [("timm + transformers", "float32", None), ("ours", "float32", float32)]
-    for precision in dict.fromkeys([*recorded, *also]):  # in order, each once
-        if precision != "float32" and runs_natively(precision, float32.device):
-            captioner = Captioner.load(model_path, device="cpu", dtype=precision)
-            pipelines.append(("ours, default" if precision == default else "ours", precision, captioner))
+    for setting in dict.fromkeys([*recorded, *also]):  # in order, each once
+        if setting != "float32" and runs_natively(setting, float32.device):
+            runtime, precision = split_setting(setting)
+            captioner = Captioner.load(model_path, device="cpu", dtype=precision, runtime=runtime)
+            pipelines.append(("ours, default" if setting == default else "ours", setting, captioner))
     rows, reference = [], None
-    for name, precision, captioner in pipelines:
+    for name, setting, captioner in pipelines:
         row, texts = _timed_pipeline(theirs if captioner is None else ours(captioner), photos, batch_size)
         reference = texts if reference is None else reference
         parts = _parts(captioner, config, photos, batch_size) if captioner is not None else {}
         same = sum(a == b for a, b in zip(texts, reference, strict=True))
-        rows.append({"pipeline": name, "precision": precision, **row, "same": same, "images": len(photos), **parts})
+        runtime, precision = split_setting(setting)
+        if captioner is None:
+            runtime = "timm + transformers"
+        row = {"pipeline": name, "runtime": runtime, "precision": precision, **row, "same": same, **parts}
+        rows.append({**row, "images": len(photos)})
     return rows
 
 
@@ -348,7 +363,7 @@ def _row(row: dict) -> str:
     )
 
 
-COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels")
+COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels", "int8-rows")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--draft-order builds a table from --data's training captions: pass --data")
     report = {
         "decoders": _print_decoders, "end-to-end": _print_end_to_end, "speculative": _print_speculative,
-        "retrieval": _print_retrieval, "labels": _print_labels,
+        "retrieval": _print_retrieval, "labels": _print_labels, "int8-rows": _print_int8_rows,
     }  # fmt: skip
     return report[arguments.command](arguments)
 
@@ -384,8 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     end_to_end.add_argument("--limit", type=int, default=100, help="images captioned")
     end_to_end.add_argument("--batch-size", type=int, default=16, help="images per folder batch")
     end_to_end.add_argument(
-        "--also", nargs="+", default=(), choices=[p for p in PRECISIONS if p not in ("auto", "float32")],
-        help="time these precisions too, whether or not the model file records them",
+        "--also", nargs="+", default=(), choices=[name for name in SPEED_ORDER if name != "float32"],
+        help="time these precisions (openvino-...: run by OpenVINO) too, whether or not the model file records them",
     )  # fmt: skip
     speculative = commands.add_parser(
         "speculative", parents=[trained], help="plain against speculative greedy on a trained model's captions"
@@ -401,7 +416,41 @@ def _parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--entries", type=int, default=100_000, help="photos in the datastore")
     retrieval.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 20)")
     commands.add_parser("labels", parents=[trained], help="the encoder's time with and without the ImageNet labels")
+    commands.add_parser(
+        "int8-rows", help="a decoder layer's int8-weight kernel against bfloat16's matrix product, by rows"
+    ).add_argument("--repeats", type=int, default=300, help="timed calls per cell (the mean is reported)")
     return parser
+
+
+def int8_rows_report(repeats: int, rows: Sequence[int] = (1, 3, 6, 12, 24, 48)) -> list[dict]:
+    """Microseconds a call of one 512 x 2048 decoder layer takes with int8 weights (torch's `_weight_int8pack_mm`)
+    and with the same weights dequantized to bfloat16 (bfloat16's matrix product), for bfloat16 rows: where
+    `Int8WeightLinear.FEW_ROWS` comes from."""
+    layer = Int8WeightLinear(nn.Linear(512, 2048))
+    results = []
+    for count in rows:
+        x = torch.randn(count, 512, dtype=torch.bfloat16)
+        times = {}
+        for name, run in {
+            "int8": lambda x=x: torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.scales),
+            "bfloat16": lambda x=x: F.linear(x, layer.dequantized),
+        }.items():
+            run()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times[name] = (time.perf_counter() - started) / repeats * 1e6
+        results.append({"rows": count, **times})
+    return results
+
+
+def _print_int8_rows(arguments: argparse.Namespace) -> int:
+    print(f"{torch.get_num_threads()} threads; microseconds a call, the mean of {arguments.repeats}")
+    print("| rows | int8 kernel, us | bfloat16 matrix product, us |")
+    print("|---|---|---|")
+    for row in int8_rows_report(arguments.repeats):
+        print(f"| {row['rows']} | {row['int8']:.1f} | {row['bfloat16']:.1f} |")
+    return 0
 
 
 def _print_labels(arguments: argparse.Namespace) -> int:
@@ -435,25 +484,26 @@ def _print_end_to_end(arguments: argparse.Namespace) -> int:
         f"default decoding; folders in batches of {arguments.batch_size}"
     )
     print(
-        "| pipeline | precision | one image, median ms | speed-up | folder images/s | speed-up "
+        "| pipeline | runtime | precision | one image, median ms | speed-up | folder images/s | speed-up "
         "| captions same as timm + transformers |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['pipeline']} | {row['precision']} | {row['latency_ms']:.0f} | "
+            f"| {row['pipeline']} | {row['runtime']} | {row['precision']} | {row['latency_ms']:.0f} | "
             f"{base['latency_ms'] / row['latency_ms']:.2f}x | {row['images_per_s']:.1f} | "
             f"{row['images_per_s'] / base['images_per_s']:.2f}x | {row['same']}/{row['images']} |"
         )
     print()
     print(
-        "| ours, precision | reading and resizing, ms | encoder, ms | decoding, ms "
+        "| ours, runtime | precision | reading and resizing, ms | encoder, ms | decoding, ms "
         "| folder batch: encoder, ms a photo | folder batch: decoding, ms a photo |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows[1:]:
         print(
-            f"| {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | {row['decode_ms']:.0f} | "
+            f"| {row['runtime']} | {row['precision']} | {row['read_ms']:.1f} | {row['encode_ms']:.0f} | "
+            f"{row['decode_ms']:.0f} | "
             f"{row['batch_encode_ms']:.1f} | {row['batch_decode_ms']:.1f} |"
         )
     return 0

@@ -11,6 +11,7 @@ Confidence is the geometric mean of the model's probabilities for the caption's 
 import dataclasses
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,17 @@ from images import ImageError, ImageSource, ImageTransform, load_each, load_imag
 from labels import TRANSFORM as LABEL_TRANSFORM
 from labels import Label, Recogniser, shares_resize
 from model import CaptionModel
-from precision import accepted_precisions, compute_dtype, default_device, inference_precision, quantize
+from openvino_runtime import OpenVinoModel, RuntimeUnavailable
+from precision import (
+    OPENVINO,
+    TORCH,
+    accepted_precisions,
+    compute_dtype,
+    default_device,
+    inference_setting,
+    quantize,
+    setting_name,
+)
 from release import ModelInfo
 from retrieval import Datastore, memory_ids
 from speculative import DraftTable
@@ -88,14 +99,20 @@ class Captioner:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
+        runtime: str = "auto",
         datastore: Datastore | None = None,
     ):
-        """`datastore`: for a retrieval model, the photos whose captions it reads (default: the one in its file)."""
+        """`runtime`: "torch", "openvino" (the encoder and decoding step compiled for the CPU), or "auto": OpenVINO
+        where the model's recorded scores accept it in this precision and it is installed (precision.py).
+        `datastore`: for a retrieval model, the photos whose captions it reads (default: the one in its file)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.info = info or ModelInfo()  # what the model file records about the model (release.py)
-        self.precision = inference_precision(dtype, self.device, accepted_precisions(self.info))
+        self.runtime, self.precision = inference_setting(dtype, runtime, self.device, accepted_precisions(self.info))
+        model = model.to(self.device).eval()
+        # The encoder and decoding step as OpenVINO runs them, or None: PyTorch runs them.
+        self.compiled = self._compile(model, dtype, runtime)
         self.dtype = compute_dtype(self.precision)
-        self.model = quantize(model.to(self.device).eval(), self.precision)
+        self.model = quantize(model, self.precision)
         self.tokenizer = tokenizer
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
@@ -104,6 +121,20 @@ class Captioner:
         self.familiarity = FamiliarityModel.from_dict(self.info.familiarity) if self.info.familiarity else None
         self.datastore = datastore or (Datastore.from_dict(self.info.datastore) if self.info.datastore else None)
         self.recogniser = Recogniser(self.info.recogniser, self.device) if self.info.recogniser else None
+
+    def _compile(self, model: CaptionModel, dtype: str | torch.dtype, runtime: str) -> OpenVinoModel | None:
+        """The model compiled by OpenVINO where that is the chosen runtime. Under "auto", a runtime that refuses the
+        model falls back to PyTorch (`self.runtime`, `self.precision` follow) with a warning."""
+        if self.runtime != OPENVINO:
+            return None
+        try:
+            return OpenVinoModel.compile(model.float(), self.precision)
+        except RuntimeUnavailable as error:
+            if runtime != "auto":
+                raise
+            warnings.warn(f"{error}; running in PyTorch instead", stacklevel=3)
+            self.runtime, self.precision = inference_setting(dtype, TORCH, self.device, accepted_precisions(self.info))
+            return None
 
     @classmethod
     def load(
@@ -114,11 +145,14 @@ class Captioner:
         dtype: str | torch.dtype = "auto",
         datastore: str | os.PathLike | None = None,
         datastore_only: bool = False,
+        runtime: str = "auto",
     ) -> "Captioner":
         """From a model file, a safetensors folder, or a Hugging Face Hub repo id ("user/repo"; `revision` pins it).
 
         Default: the `captioner.pt` shipped with this repository. `dtype`: a torch dtype or a precision name;
         "auto" runs the precision recorded with the model where this machine computes it natively, else float32.
+        `runtime`: "torch", "openvino" or "auto" (OpenVINO where the model's recorded scores accept it), see
+        `__init__`.
         `datastore`: a folder of the user's captioned photos (images with same-named .txt captions) that a retrieval
         model reads besides its own (their photos first when about as close), or instead of it (`datastore_only`).
         """
@@ -130,7 +164,7 @@ class Captioner:
             info = ModelInfo.from_dict(metadata)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from error
-        captioner = cls(model, tokenizer, info, device=device, dtype=dtype)
+        captioner = cls(model, tokenizer, info, device=device, dtype=dtype, runtime=runtime)
         if datastore is not None:
             captioner.add_datastore(datastore, replace=datastore_only)
         return captioner
@@ -152,8 +186,8 @@ class Captioner:
         return torch.cat(rows)
 
     def _encoder_key(self) -> str:
-        """A name for what the encoder computes: its weights, input size and precision."""
-        digest = hashlib.sha256(repr((self.transform, self.precision)).encode())
+        """A name for what the encoder computes: its weights, input size, precision and runtime."""
+        digest = hashlib.sha256(repr((self.transform, setting_name(self.runtime, self.precision))).encode())
         for name, tensor in self.model.encoder.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -252,7 +286,11 @@ class Captioner:
         """`encode` for pixel values already made by `self.transform` (B, 3, size, size); with `label_images`
         (`_label_images`), also their ImageNet labels."""
         with torch.inference_mode():
-            encoded = EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
+            if self.compiled is None:
+                encoded = EncodedImages(*self.model.encode_with_class_token(pixels.to(self.device, self.dtype)))
+            else:
+                tokens, class_tokens = self.compiled.encode_with_class_token(pixels)
+                encoded = EncodedImages(tokens.to(self.dtype), class_tokens)
         if label_images is not None and self.recogniser is not None:
             encoded = dataclasses.replace(encoded, labels=tuple(self.recogniser.labels(label_images)))
         return encoded
@@ -304,8 +342,9 @@ class Captioner:
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        decoder = self.compiled if self.compiled is not None and self.compiled.decodes else self.model
         generation = decoding.generate(
-            self.model, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
+            decoder, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
             prefix_ids=prefix_ids, draft=self.draft,
         )  # fmt: skip
         familiarity = [None] * encoded.tokens.shape[0]

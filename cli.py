@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from captioner import Captioner
-from config import PRECISIONS
+from config import PRECISIONS, RUNTIMES
 
 
 def add_arguments(
@@ -75,6 +75,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "computes it natively, else float32 (docs/speed.md)",
     )
     parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the encoder and decoding step on a CPU: torch, openvino, or auto (the default): OpenVINO "
+        "where the model's recorded scores accept it and it is installed (docs/speed.md)",
+    )
+    parser.add_argument(
         "--datastore", default=None, metavar="FOLDER",
         help="your captioned photos (images with same-named .txt captions) that steer a retrieval model's captions "
         "without training: read beside the model's own, and ranked first when about as close",
@@ -88,6 +95,7 @@ def captioner_from_args(arguments: argparse.Namespace) -> Captioner:
         raise ValueError("--datastore-only needs --datastore FOLDER")
     return Captioner.load(
         arguments.model, device=arguments.device, revision=arguments.revision, dtype=arguments.dtype,
+        runtime=arguments.runtime,
         datastore=arguments.datastore, datastore_only=arguments.datastore_only,
     )  # fmt: skip
 

@@ -234,6 +234,9 @@ TrainPrecision = Literal["auto", "float32", "bfloat16", "float16"]
 TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
 Precision = Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-int8"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+# What runs a released model: PyTorch, or OpenVINO for the encoder and the decoding step (openvino_runtime.py).
+Runtime = Literal["auto", "torch", "openvino"]
+RUNTIMES: tuple[str, ...] = typing.get_args(Runtime)
 
 
 Objective = Literal["cross_entropy", "scst"]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from config import DecodeConfig
-from model import CaptionModel
+from model import StepDecoder
 from speculative import DraftTable, verify_drafts
 
 # Masks a score without the NaNs that -inf arithmetic would bring into beam scores (transformers uses the same).
@@ -107,7 +107,7 @@ def process_scores(scores: Tensor, tokens: Tensor, generated: int, config: Decod
 
 
 def _greedy(
-    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    model: StepDecoder, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
     generator: torch.Generator | None,
 ) -> Generation:  # fmt: skip
     """The most likely token at every step."""
@@ -115,7 +115,7 @@ def _greedy(
 
 
 def _sample(
-    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    model: StepDecoder, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
     generator: torch.Generator | None,
 ) -> Generation:  # fmt: skip
     """`num_return_sequences` captions per image drawn with temperature, top-k and top-p; best first."""
@@ -136,7 +136,7 @@ def _sample(
 
 
 def _one_token_per_step(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     config: DecodeConfig,
     prompt: Sequence[int],
@@ -214,7 +214,7 @@ class _Beams:
 
 
 def _beam(
-    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    model: StepDecoder, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
     generator: torch.Generator | None,
 ) -> Generation:  # fmt: skip
     """Beam search as transformers' generate(num_beams=K) does it; the best `num_return_sequences` per image."""
@@ -322,7 +322,7 @@ _STRATEGIES = {"greedy": _greedy, "sample": _sample, "beam": _beam}
 
 
 def generate(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     config: DecodeConfig,
     *,
@@ -347,7 +347,7 @@ def generate(
 
 
 def _speculative_greedy(
-    model: CaptionModel, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
+    model: StepDecoder, image_tokens: Tensor, config: DecodeConfig, prompt: Sequence[int], eos_token_id: int,
     draft: DraftTable,
 ) -> Generation:  # fmt: skip
     def choose(logits: Tensor, tokens: Tensor, generated: int) -> Tensor:
@@ -368,7 +368,7 @@ def _speculative_greedy(
 
 
 def greedy(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     config: DecodeConfig | None = None,
     *,
@@ -383,7 +383,7 @@ def greedy(
 
 
 def beam_search(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     config: DecodeConfig | None = None,
     *,
@@ -398,7 +398,7 @@ def beam_search(
 
 
 def sample(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     config: DecodeConfig | None = None,
     *,
@@ -413,7 +413,7 @@ def sample(
 
 
 def _run(
-    strategy: str, model: CaptionModel, image_tokens: Tensor, config: DecodeConfig | None, bos_token_id: int,
+    strategy: str, model: StepDecoder, image_tokens: Tensor, config: DecodeConfig | None, bos_token_id: int,
     eos_token_id: int, generator: torch.Generator | None, prefix_ids: Sequence[int], options: dict,
 ) -> tuple[Tensor, Generation]:  # fmt: skip
     """The generation of `strategy` under `config` with `options`, and its best ids per image."""

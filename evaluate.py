@@ -26,7 +26,15 @@ from data import DataError, load_split
 from familiarity import auroc
 from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
-from precision import DTYPES, QUANTIZED, native_half, qualifying_precisions, runs_natively
+from precision import (
+    DTYPES,
+    OPENVINO_SETTINGS,
+    QUANTIZED,
+    native_half,
+    qualifying_precisions,
+    runs_natively,
+    split_setting,
+)
 from release import record
 
 
@@ -63,17 +71,21 @@ def choose_precision(
     arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
     references: dict,
 ) -> int:  # fmt: skip
-    """Score the model in float32 and in each faster precision this machine computes natively (its half precision;
-    on a CPU int8, and bfloat16 with int8 decoder weights where bfloat16 is native); record in the model file those
-    no more than PRECISION_TOLERANCE below float32 (`qualifying_precisions`), fastest first, so that `--dtype auto`
-    runs the fastest of them that a user's machine supports; float32's scores are recorded as the model's."""
+    """Score the model in PyTorch's float32 and in each faster setting this machine computes natively (its half
+    precision; on a CPU int8, bfloat16 with int8 decoder weights where bfloat16 is native, and OpenVINO's float32 and
+    bfloat16 where it is installed); record in the model file those no more than PRECISION_TOLERANCE below float32
+    (`qualifying_precisions`), fastest first, so that `--dtype auto --runtime auto` runs the fastest of them that a
+    user's machine supports; float32's scores are recorded as the model's."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
     candidates = [name for name, dtype in DTYPES.items() if dtype == half] + [
-        name for name in QUANTIZED if runs_natively(name, float32.device)
+        name for name in (*QUANTIZED, *OPENVINO_SETTINGS) if runs_natively(name, float32.device)
     ]
     for name in candidates:
-        captioner = Captioner.load(arguments.model, device=float32.device, revision=arguments.revision, dtype=name)
+        runtime, precision = split_setting(name)
+        captioner = Captioner.load(
+            arguments.model, device=float32.device, revision=arguments.revision, dtype=precision, runtime=runtime
+        )
         encoded, _ = encode_split(captioner, items, arguments.batch_size)
         scores[name] = score_captions(references, caption_encoded(captioner, encoded, config))
     for name, values in scores.items():
@@ -168,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.limit:
             items = items[: arguments.limit]
         if arguments.command == "precision":
-            arguments.dtype = "float32"  # the baseline the faster precisions are held to
+            arguments.dtype, arguments.runtime = "float32", "torch"  # the baseline the faster settings are held to
         captioner = captioner_from_args(arguments)
         config = captioner.check(dataclasses.replace(captioner.default_config(), **options))
     except (JavaMissingError, ValueError, CheckpointError, DataError) as error:

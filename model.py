@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -201,27 +202,44 @@ class Attention(nn.Module):
             queries = _split_heads(self.q_attn(x), self.n_head)
             out = _attend_grouped(queries, keys, values, dropout, record)
         else:
-            queries, new_keys, new_values = (
-                _split_heads(part, self.n_head) for part in self.c_attn(x).split(x.shape[-1], dim=2)
-            )
+            queries, new_keys, new_values = self._self_projections(x)
             if keys is None:
                 out = F.scaled_dot_product_attention(queries, new_keys, new_values, dropout_p=dropout, is_causal=True)
             else:
-                length = x.shape[1]
-                keys[:, :, start : start + length] = new_keys
-                values[:, :, start : start + length] = new_values
-                # Each new position sees every cached one and the new ones up to itself.
-                mask = None
-                if length > 1:
-                    mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
-                out = F.scaled_dot_product_attention(
-                    queries,
-                    keys[:, :, : start + length],
-                    values[:, :, : start + length],
-                    attn_mask=mask,
-                    dropout_p=dropout,
-                )
+                end = start + x.shape[1]
+                keys[:, :, start:end] = new_keys
+                values[:, :, start:end] = new_values
+                out = _attend_after_cached(queries, keys[:, :, :end], values[:, :, :end], dropout)
         return self.resid_dropout(self.c_proj(_merge_heads(out)))
+
+    def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's queries, keys and values of x (B, T, C), (B, nh, T, hs) each."""
+        return tuple(_split_heads(part, self.n_head) for part in self.c_attn(x).split(x.shape[-1], dim=2))
+
+    def after_cache(
+        self, x: Tensor, cache_keys: Tensor, cache_values: Tensor, visible: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention of x's T new positions after the cached ones, at inference: the output and the new
+        positions' keys and values, which the caller stores. `cache_keys`/`cache_values` (B, nh, C, hs) are a whole
+        preallocated cache, `visible` (C,) marks its slots that hold earlier positions. The form a compiled decoding
+        step takes: fixed shapes and no in-place writes, which tracing would not keep."""
+        queries, new_keys, new_values = self._self_projections(x)
+        length = x.shape[1]
+        keys, values = torch.cat([cache_keys, new_keys], dim=2), torch.cat([cache_values, new_values], dim=2)
+        causal = torch.arange(length, device=x.device)[None, :] <= torch.arange(length, device=x.device)[:, None]
+        mask = torch.cat([visible[None, :].expand(length, -1), causal], dim=1)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        return self.c_proj(_merge_heads(out)), new_keys, new_values
+
+
+def _attend_after_cached(queries: Tensor, keys: Tensor, values: Tensor, dropout: float = 0.0) -> Tensor:
+    """Attention of T new positions, the last T of the keys: each sees every earlier key and the new ones up to
+    itself."""
+    length, total = queries.shape[2], keys.shape[2]
+    mask = None
+    if length > 1:
+        mask = torch.ones(length, total, dtype=torch.bool, device=keys.device).tril(total - length)
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
 
 
 def _attend_grouped(
@@ -283,8 +301,22 @@ class Block(nn.Module):
         record: list[Tensor] | None = None,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache_keys, cache_values, start=start)
+        return self._after_self_attention(x, image_keys, image_values, record)
+
+    def _after_self_attention(
+        self, x: Tensor, image_keys: Tensor, image_values: Tensor, record: list[Tensor] | None = None
+    ) -> Tensor:
         x = x + self.cross_attn(self.ln_cross(x), image_keys, image_values, record=record)
         return x + self.mlp(self.ln_2(x))
+
+    def after_cache(
+        self, x: Tensor, image_keys: Tensor, image_values: Tensor, cache_keys: Tensor, cache_values: Tensor,
+        visible: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """`forward` at inference for x's new positions after a cache's visible slots (`Attention.after_cache`): the
+        output and the new positions' keys and values."""
+        attended, new_keys, new_values = self.attn.after_cache(self.ln_1(x), cache_keys, cache_values, visible)
+        return self._after_self_attention(x + attended, image_keys, image_values), new_keys, new_values
 
 
 @dataclass
@@ -309,6 +341,19 @@ class KVCache:
         """Keep the self-attention rows `rows` (B,), in that order, e.g. the surviving beams of each image."""
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
+
+
+class StepDecoder(Protocol):
+    """What decoding (decoding.py, speculative.py) needs of a model: `CaptionModel` itself, or its decoding step
+    compiled by a runtime (openvino_runtime.py)."""
+
+    config: ModelConfig
+
+    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache: ...
+
+    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor: ...
+
+    def decode_positions(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor: ...
 
 
 class TextDecoder(nn.Module):
@@ -352,7 +397,7 @@ class TextDecoder(nn.Module):
             )
         if cache is not None and cache.prompt_length + position + length > cache.capacity:
             raise ValueError(f"text positions up to {position + length} exceed the cache's {cache.capacity}")
-        x = self.wte(input_ids) + self.wpe(torch.arange(position, position + length, device=input_ids.device))
+        x = self._embed(input_ids, torch.arange(position, position + length, device=input_ids.device))
         if prompt is not None:
             x = torch.cat([prompt.to(x.dtype), x], dim=1)
         start = 0 if cache is None else cache.prompt_length + position
@@ -362,6 +407,34 @@ class TextDecoder(nn.Module):
             if record is not None:
                 record[-len(self.h) :] = [weights[:, :, prompt.shape[1] :] for weights in record[-len(self.h) :]]
         return self.ln_f(x)
+
+    def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return self.wte(input_ids) + self.wpe(positions)
+
+    def after_cache(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        cache_keys: Tensor,
+        cache_values: Tensor,
+        visible: Tensor,
+        image_keys: Tensor,
+        image_values: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` at inference for `input_ids` (B, T) at text `positions` (T,), after the slots of every layer's
+        preallocated cache (L, B, nh, C, hs) that `visible` (C,) marks, with the image keys and values stacked
+        (L, B_img, nh, N, hs): the final hidden states (B, T, C) and the new positions' keys and values
+        (L, B, nh, T, hs), which the caller stores. A compiled decoding step (openvino_runtime.py) is this function
+        traced."""
+        x = self._embed(input_ids, positions)
+        new_keys, new_values = [], []
+        for layer, block in enumerate(self.h):
+            x, keys, values = block.after_cache(
+                x, image_keys[layer], image_values[layer], cache_keys[layer], cache_values[layer], visible
+            )
+            new_keys.append(keys)
+            new_values.append(values)
+        return self.ln_f(x), torch.stack(new_keys), torch.stack(new_values)
 
     def run_blocks(
         self,

@@ -2,25 +2,37 @@
 
 Precision names are config.PRECISIONS: "float32", "bfloat16", "float16", "int8" (float32 compute with int8 decoder
 weights, CPU only), "bfloat16-int8" (bfloat16 compute with int8 decoder weights, CPUs with native bfloat16), and
-"auto" (resolved here).
+"auto" (resolved here). A precision runs in one of config.RUNTIMES: "torch", or "openvino" (float32 and bfloat16)
+for the encoder and the decoding step; recorded scores and the speed order name the pair a setting,
+"openvino-bfloat16" (`setting_name`).
 """
 
 import warnings
 from collections.abc import Collection
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+import openvino_runtime
+from config import RUNTIMES
 from release import ModelInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"
 BFLOAT16_INT8 = "bfloat16-int8"
 QUANTIZED = {INT8: torch.float32, BFLOAT16_INT8: torch.bfloat16}  # int8 decoder weights, and the compute dtype
-# Fastest first, for one photo end to end (docs/speed.md): what "auto" tries, in this order. On our CPU bfloat16
-# beats int8 because it halves the encoder's time too, where int8 only shrinks the decoder; bfloat16 with int8
-# decoder weights beats both. Without native bfloat16, int8 beats float32.
-SPEED_ORDER = (BFLOAT16_INT8, "bfloat16", "float16", INT8, "float32")
+TORCH, OPENVINO = "torch", "openvino"
+OPENVINO_PRECISIONS = tuple(openvino_runtime.PRECISION_HINTS)
+# Settings fastest first, for one photo end to end (docs/speed.md): what "auto" tries, in this order. OpenVINO's
+# encoder beats PyTorch's in the same precision, and its float32 beats PyTorch's int8 and float32. On our CPU
+# bfloat16 beats int8 because it halves the encoder's time too, where int8 only shrinks the decoder; bfloat16 with
+# int8 decoder weights beats both.
+SPEED_ORDER = (
+    "openvino-bfloat16-int8", "openvino-bfloat16", BFLOAT16_INT8, "bfloat16", "float16", "openvino-float32", INT8,
+    "float32",
+)  # fmt: skip
+OPENVINO_SETTINGS = tuple(name for name in SPEED_ORDER if name.startswith(f"{OPENVINO}-"))  # fastest first
 
 
 def default_device() -> torch.device:
@@ -79,8 +91,28 @@ def quantized_engine() -> str:
     return torch.backends.quantized.engine
 
 
-def runs_natively(precision: str, device: torch.device) -> bool:
-    """Whether `device` computes `precision` in hardware (so that it is faster than float32, not emulated)."""
+def setting_name(runtime: str, precision: str) -> str:
+    """How recorded scores and SPEED_ORDER name `precision` run by `runtime`: "bfloat16", "openvino-bfloat16"."""
+    return precision if runtime == TORCH else f"{runtime}-{precision}"
+
+
+def split_setting(name: str) -> tuple[str, str]:
+    """(runtime, precision) of a setting name."""
+    runtime, _, precision = name.partition("-")
+    return (runtime, precision) if runtime == OPENVINO else (TORCH, name)
+
+
+def runs_natively(setting: str, device: torch.device) -> bool:
+    """Whether `device` computes the setting (a precision, or "openvino-" and one) in hardware (so that it is faster
+    than float32, not emulated), with the runtime it names installed."""
+    runtime, precision = split_setting(setting)
+    if runtime == OPENVINO:
+        return (
+            device.type == "cpu"
+            and precision in OPENVINO_PRECISIONS
+            and runs_natively(precision, device)
+            and openvino_runtime.available()
+        )
     if precision == INT8:
         return device.type == "cpu" and quantized_engine() != "none"
     if precision == BFLOAT16_INT8:
@@ -106,7 +138,50 @@ def inference_precision(precision: str | torch.dtype, device: torch.device, acce
         return precision
     if precision != "auto":
         return precision
-    return next((name for name in SPEED_ORDER if name in accepted and runs_natively(name, device)), "float32")
+    return next(
+        (
+            name
+            for name in SPEED_ORDER
+            if name in accepted and split_setting(name)[0] == TORCH and runs_natively(name, device)
+        ),
+        "float32",
+    )
+
+
+def inference_setting(
+    precision: str | torch.dtype, runtime: str, device: torch.device, accepted: Collection[str] = ()
+) -> tuple[str, str]:
+    """The runtime and precision name to run a model in.
+
+    "auto" runtime: OpenVINO where the model's recorded scores accept it (`accepted`, setting names) and this CPU
+    runs it natively, in the given precision or ("auto") the fastest accepted; else PyTorch. "openvino": that
+    runtime (OPENVINO_PRECISIONS; "auto": the fastest of them accepted and native, else float32),
+    RuntimeUnavailable without it.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == OPENVINO:
+        if device.type != "cpu":
+            raise ValueError(f"the openvino runtime runs on CPUs, not on {device.type}: choose torch there")
+        if not openvino_runtime.available():
+            raise openvino_runtime.RuntimeUnavailable(
+                f"the OpenVINO runtime is not installed: {openvino_runtime.INSTALL}"
+            )
+        if precision == "auto":
+            fastest = (name for name in OPENVINO_SETTINGS if name in accepted and runs_natively(name, device))
+            return OPENVINO, split_setting(next(fastest, "openvino-float32"))[1]
+        name = inference_precision(precision, device)
+        if name not in OPENVINO_PRECISIONS:
+            raise ValueError(f"the openvino runtime runs {', '.join(OPENVINO_PRECISIONS)}, not {name}")
+        return OPENVINO, name
+    if runtime == TORCH:
+        return TORCH, inference_precision(precision, device, accepted)
+    if precision == "auto":
+        fastest = next((name for name in SPEED_ORDER if name in accepted and runs_natively(name, device)), "float32")
+        return split_setting(fastest)
+    name = inference_precision(precision, device)
+    faster = setting_name(OPENVINO, name) in accepted and runs_natively(setting_name(OPENVINO, name), device)
+    return (OPENVINO if faster else TORCH), name
 
 
 # A faster precision is used by default ("auto") only if its scores are at most this much below float32's. One-sided:
@@ -176,10 +251,15 @@ class Int8WeightLinear(nn.Module):
     """A linear layer whose weight is int8 with one scale per output channel, for bfloat16 activations.
 
     Weight-only: the activations stay bfloat16 and torch's `_weight_int8pack_mm` (the kernel torchao's weight-only
-    int8 uses) multiplies them by the int8 weight directly. It is quick for the few rows of one photo's decoding step
-    (the shipped model decodes a photo in 43 ms against bfloat16's 64, docs/speed.md) and slower than bfloat16's
-    matrix product for the many rows of a batch.
+    int8 uses) multiplies them by the int8 weight directly. That is quick for the few rows of one photo's decoding
+    step, which reads each weight once (the shipped model decodes a photo in 43 ms against bfloat16's 64,
+    docs/speed.md), and slower than bfloat16's matrix product from FEW_ROWS rows on; there the same weights,
+    dequantized to bfloat16 once, are multiplied by bfloat16's matrix product.
     """
+
+    # `python benchmark.py int8-rows`: for a 512 x 2048 layer the int8 kernel took 30 us against bfloat16's 50 at 3
+    # rows, 65 against 55 at 6 rows.
+    FEW_ROWS = 4
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -189,10 +269,15 @@ class Int8WeightLinear(nn.Module):
         self.register_buffer("weight", steps.round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        dequantized = self.weight.to(torch.bfloat16) * scales[:, None]
+        self.register_buffer("dequantized", dequantized, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
+        if rows.shape[0] > self.FEW_ROWS:
+            out = F.linear(rows, self.dequantized, self.bias)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -265,7 +265,7 @@ def _captioned_rows(
     photos = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     model = {
         "source": _absolute(arguments.model), "device": arguments.device, "revision": arguments.revision,
-        "dtype": arguments.dtype, "datastore": _absolute(arguments.datastore),
+        "dtype": arguments.dtype, "runtime": arguments.runtime, "datastore": _absolute(arguments.datastore),
         "datastore_only": arguments.datastore_only,
     }  # fmt: skip
     captions = photos.map_batches(

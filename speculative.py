@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import CaptionModel
+from model import StepDecoder
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class DraftTable:
 
 
 def verify_drafts(
-    model: CaptionModel,
+    model: StepDecoder,
     image_tokens: Tensor,
     prompt: Sequence[int],
     eos_token_id: int,

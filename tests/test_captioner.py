@@ -236,9 +236,13 @@ def test_bfloat16_int8_holds_int8_decoder_weights_and_keeps_the_float32_models_t
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(64, 48), torch.randn(2, 3, 64)
     torch.nn.init.normal_(layer.bias, std=1.0)
-    quantized_output = Int8WeightLinear(layer)(x.bfloat16())
+    quantized = Int8WeightLinear(layer)
+    quantized_output = quantized(x.bfloat16())  # 6 rows: the same weights in bfloat16's matrix product
     assert quantized_output.shape == (2, 3, 48) and quantized_output.dtype == torch.bfloat16
     torch.testing.assert_close(quantized_output.float(), layer(x).detach(), atol=0.05, rtol=0.02)
+    few = torch.cat([quantized(x[:, row : row + 1].bfloat16()) for row in range(3)], dim=1)  # 2 rows: the int8 kernel
+    assert x.shape[0] <= Int8WeightLinear.FEW_ROWS < x.shape[0] * x.shape[1]
+    torch.testing.assert_close(few.float(), quantized_output.float(), atol=0.02, rtol=0.01)
     with pytest.raises(ValueError, match="bfloat16-int8 runs on CPUs only"):
         Captioner(captioning_model, tiny_tokenizer, device="cuda", dtype="bfloat16-int8")
 

@@ -102,6 +102,7 @@ def test_evaluate_command_scores_a_split_and_records_the_metrics(tmp_path, capti
 def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_float32(
     tmp_path, captioning_model, tiny_tokenizer, monkeypatch, capsys, native
 ):
+    import openvino_runtime
     import precision
     from checkpoint import load_model_file, save_captioner
 
@@ -120,12 +121,14 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     assert evaluate.main(["precision", *argv, "--max-new-tokens", "6", "--record"]) == 0
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
-    assert set(scores) == {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
+    openvino = {"openvino-float32"} | ({"openvino-bfloat16"} if native else set())
+    expected_settings = {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
+    assert set(scores) == expected_settings | (openvino if openvino_runtime.available() else set())
 
     def close(name: str) -> bool:  # one-sided: scoring above float32 never refuses a precision
         return all(scores["float32"][metric] - scores[name][metric] <= 0.01 for metric in ("CIDEr", "BLEU-4"))
 
-    expected = [name for name in ("bfloat16-int8", "bfloat16", "int8", "float32") if name in scores and close(name)]
+    expected = [name for name in precision.SPEED_ORDER if name in scores and close(name)]
     assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
     assert metadata["metrics"] == scores["float32"] and metadata["metrics_split"] == "test"  # the model's scores
     assert f"recorded precision: {expected[0]} (at most 0.01 below float32, fastest first: {', '.join(expected)})" in (

@@ -18,6 +18,7 @@ from PIL import Image
 
 import app
 import caption
+import openvino_runtime
 from checkpoint import save_captioner
 from config import DecodeConfig
 from images import IMAGE_SUFFIXES, ImageError, load_image
@@ -50,16 +51,23 @@ def test_a_folder_given_as_a_file_and_a_missing_file(tmp_path):
         load_image(tmp_path / "absent.jpg")
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16", "int8", "bfloat16-int8"])
-def test_caption_command_reports_each_bad_file_and_captions_the_rest_in_every_precision(
-    tmp_path, captioning_model, tiny_tokenizer, capsys, precision
+@pytest.mark.parametrize(
+    "runtime, precision",
+    [("torch", name) for name in ("float32", "bfloat16", "float16", "int8", "bfloat16-int8")]
+    + [
+        pytest.param("openvino", name, marks=pytest.mark.skipif(not openvino_runtime.available(), reason="no OpenVINO"))
+        for name in ("float32", "bfloat16")
+    ],
+)
+def test_caption_command_reports_each_bad_file_and_captions_the_rest_in_every_precision_and_runtime(
+    tmp_path, captioning_model, tiny_tokenizer, capsys, runtime, precision
 ):
     for case in CORPUS:
         (tmp_path / "corpus" / case.name).parent.mkdir(exist_ok=True)
         (tmp_path / "corpus" / case.name).write_bytes(case.data)
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer)
     files = [str(tmp_path / "corpus" / case.name) for case in CORPUS]
-    options = ["--dtype", precision, "--format", "jsonl", "--max-new-tokens", "3"]
+    options = ["--dtype", precision, "--runtime", runtime, "--format", "jsonl", "--max-new-tokens", "3"]
     code = caption.main(["--model", str(tmp_path / "model.pt"), *options, *files])
     out, err = capsys.readouterr()
     assert code == 1

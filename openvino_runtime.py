@@ -1,0 +1,254 @@
+"""The encoder and the decoding step run by OpenVINO, a runtime made for CPUs: each a single compiled graph.
+
+In PyTorch a decoding step is a few hundred small operations, each paying Python's and the dispatcher's overhead,
+and the encoder's matrix products run below what the CPU's vector and matrix units can do. OpenVINO compiles each
+graph once for this CPU (fused kernels, its own thread pool, bfloat16 where the CPU has it) and runs it in one call.
+
+    compiled = OpenVinoModel.compile(model, "bfloat16")   # model: a float32 CaptionModel
+    tokens, class_tokens = compiled.encode_with_class_token(pixels)
+    decoding.generate(compiled, tokens, config, ...)       # its decoding step, through the same decoding code
+
+The graphs are traced from the model's own modules (`CaptionModel.encode_with_class_token`,
+`TextDecoder.after_cache`) with shapes left open (batch, caption length, cache size), converted on first use and saved
+under `cache_folder()`, keyed by the weights' content, the runtime's version and GRAPH_VERSION, so a model file is
+converted once per machine; OpenVINO caches the compiled kernels beside them. The cross-attention keys and values of
+each image and a "prompt" model's prompt are computed by PyTorch, once per batch (`CaptionModel.start_cache`).
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model import CaptionModel, KVCache
+
+GRAPH_VERSION = 2  # raise when the traced graphs change, so that cached conversions are made again
+# The precisions it runs, and the one its encoder computes in, as OpenVINO names it. In "bfloat16-int8" PyTorch
+# decodes, with int8 decoder weights (precision.py).
+PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16"}
+# Where its decoding step beats PyTorch's (docs/speed.md): in float32 it decodes a photo in about half the time. In
+# bfloat16 PyTorch's step is as fast (a step reads every decoder weight once; bfloat16 halves those bytes either
+# way), and OpenVINO's thread pool alternating with PyTorch's between steps costs it more, so PyTorch decodes there.
+STEP_PRECISIONS = ("float32",)
+INSTALL = "pip install openvino==2026.4.1"
+
+
+class RuntimeUnavailable(ValueError):
+    """OpenVINO is not installed here, or it refused to convert or compile the model: a choice this machine cannot
+    honour, which the commands print in one line (a ValueError, as other impossible options are)."""
+
+
+def available() -> bool:
+    """Whether OpenVINO can be imported here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as error:
+        raise RuntimeUnavailable(f"the OpenVINO runtime is not installed: {INSTALL}") from error
+    return openvino
+
+
+def cache_folder() -> Path:
+    """Where converted models are kept: $XDG_CACHE_HOME (default ~/.cache)/image-captioner/openvino."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "image-captioner" / "openvino"
+
+
+def model_key(model: CaptionModel) -> str:
+    """A name for what the graphs compute: the model's shape and weights, this runtime's version, GRAPH_VERSION."""
+    digest = hashlib.sha256(repr((model.config, _openvino().__version__, GRAPH_VERSION)).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode_with_class_token(pixels)
+
+
+class _Step(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, cache_keys: Tensor, cache_values: Tensor, visible: Tensor,
+        image_keys: Tensor, image_values: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        hidden, new_keys, new_values = self.model.decoder.after_cache(
+            input_ids, positions, cache_keys, cache_values, visible, image_keys, image_values
+        )
+        return self.model.logits(hidden), new_keys, new_values
+
+
+def _convert(model: CaptionModel, folder: Path) -> None:
+    """Trace both graphs from the float32 `model` and save them in `folder` (written whole, then renamed)."""
+    ov = _openvino()
+    config = model.config
+    layers, heads, head_size = config.n_layer, config.n_head, config.n_embd // config.n_head
+    size = config.image_size
+    # Two new tokens after a cache of three slots, two rows per image: every shape the graph keeps open differs.
+    rows, images, slots, length = 4, 2, 3, 2
+    cache_shape = ov.PartialShape([layers, -1, heads, -1, head_size])
+    step_inputs = (
+        torch.zeros(rows, length, dtype=torch.long),
+        torch.arange(slots, slots + length),
+        torch.zeros(layers, rows, heads, slots, head_size),
+        torch.zeros(layers, rows, heads, slots, head_size),
+        torch.ones(slots, dtype=torch.bool),
+        torch.zeros(layers, images, heads, 5, head_size),
+        torch.zeros(layers, images, heads, 5, head_size),
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns of every Python branch it fixes; the graphs' open shapes are checked by the tests.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
+            encoder = ov.convert_model(
+                _Encoder(model).eval(), example_input=torch.zeros(1, 3, size, size), input=[(-1, 3, size, size)]
+            )
+            step = ov.convert_model(
+                _Step(model).eval(),
+                example_input=step_inputs,
+                input=[
+                    ov.PartialShape([-1, -1]),
+                    ov.PartialShape([-1]),
+                    cache_shape,
+                    cache_shape,
+                    ov.PartialShape([-1]),
+                    cache_shape,
+                    cache_shape,
+                ],
+            )
+        ov.save_model(encoder, staging / "encoder.xml", compress_to_fp16=False)
+        ov.save_model(step, staging / "step.xml", compress_to_fp16=False)
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "step.xml").exists():  # not another process converting the same model meanwhile
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class _StackedCache(KVCache):
+    """A KV cache whose image keys and values are also held stacked, as the compiled step reads them."""
+
+    stacked_image_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    stacked_image_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+class OpenVinoModel:
+    """A model's encoder and decoding step compiled by OpenVINO; decodes through decoding.py as `CaptionModel`
+    does (`model.StepDecoder`). Safe to call from several threads (one inference request per thread)."""
+
+    def __init__(self, model: CaptionModel, encoder, step, precision: str):
+        self.model = model  # computes each image's cross-attention keys and values, and a prompt model's prompt
+        self.config = model.config
+        self.precision = precision
+        self.decodes = precision in STEP_PRECISIONS  # whether its decoding step is the one to use
+        self._compiled = {"encoder": encoder, "step": step}
+        self._requests = threading.local()
+
+    @classmethod
+    def compile(cls, model: CaptionModel, precision: str, cache: Path | None = None) -> "OpenVinoModel":
+        """The graphs of the float32 `model` compiled for this CPU in `precision` ("float32" or "bfloat16"),
+        converted on first use and kept in `cache` (default `cache_folder()`). RuntimeUnavailable if OpenVINO is
+        missing or refuses the model."""
+        if precision not in PRECISION_HINTS:
+            raise ValueError(f"OpenVINO runs {' or '.join(PRECISION_HINTS)}, not {precision}")
+        ov = _openvino()
+        folder = (cache or cache_folder()) / model_key(model)
+        try:
+            if not (folder / "step.xml").exists():
+                _convert(model, folder)
+            core = ov.Core()
+            options = {
+                "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # as many as PyTorch was given (a Ray actor's)
+                "CACHE_DIR": str(folder / "compiled"),
+            }
+            encoder, step = (core.compile_model(folder / f"{name}.xml", "CPU", options) for name in ("encoder", "step"))
+        except (RuntimeError, OSError) as error:  # OpenVINO's conversion and compilation errors are RuntimeErrors
+            raise RuntimeUnavailable(f"OpenVINO could not compile this model: {error}") from error
+        return cls(model, encoder, step, precision)
+
+    def _infer(self, name: str, inputs: list[np.ndarray]) -> list[Tensor]:
+        requests = self._requests.__dict__
+        if name not in requests:
+            requests[name] = self._compiled[name].create_infer_request()
+        results = requests[name].infer(inputs, share_inputs=True)  # read in place, not copied
+        # The arrays are the request's own buffers, overwritten by its next call: copied out.
+        return [torch.from_numpy(np.array(results[index])) for index in range(len(results))]
+
+    def encode_with_class_token(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """`CaptionModel.encode_with_class_token` in one call: the image's tokens and its class token (float32)."""
+        tokens, class_tokens = self._infer("encoder", [pixels.float().cpu().numpy()])
+        return tokens, class_tokens
+
+    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
+        cache = self.model.start_cache(image_tokens, rows_per_image, max_length)
+        # Every slot is read (masked), so none may hold garbage such as NaN; a prompt's slots are kept.
+        keys, values = (
+            torch.zeros_like(cache.keys, dtype=torch.float32),
+            torch.zeros_like(cache.values, dtype=torch.float32),
+        )
+        keys[:, :, :, : cache.prompt_length] = cache.keys[:, :, :, : cache.prompt_length]
+        values[:, :, :, : cache.prompt_length] = cache.values[:, :, :, : cache.prompt_length]
+        return _StackedCache(
+            keys,
+            values,
+            cache.image_keys,
+            cache.image_values,
+            cache.prompt_length,
+            torch.stack(cache.image_keys).float().numpy(),
+            torch.stack(cache.image_values).float().numpy(),
+        )
+
+    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        return self.decode_positions(input_ids, cache, position)[:, -1]
+
+    def decode_positions(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        """As `CaptionModel.decode_positions`: logits (B, T, vocab); the new keys and values go into `cache`."""
+        if not isinstance(cache, _StackedCache):
+            raise TypeError("the cache must come from this model's start_cache")
+        start, length = cache.prompt_length + position, input_ids.shape[1]
+        if position + length > self.config.n_positions or start + length > cache.capacity:
+            raise ValueError(f"text positions up to {position + length} exceed the cache or the decoder's limit")
+        inputs = [
+            input_ids.cpu().numpy(),
+            np.arange(position, position + length),
+            cache.keys.numpy(),
+            cache.values.numpy(),
+            np.arange(cache.capacity) < start,
+            cache.stacked_image_keys,
+            cache.stacked_image_values,
+        ]
+        logits, new_keys, new_values = self._infer("step", inputs)
+        cache.keys[:, :, :, start : start + length] = new_keys
+        cache.values[:, :, :, start : start + length] = new_values
+        return logits

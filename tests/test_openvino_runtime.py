@@ -1,0 +1,218 @@
+"""OpenVINO runs the encoder and the decoding step: the same numbers as PyTorch, the same captions in float32, a
+conversion made once per model, and PyTorch where OpenVINO is missing or refuses."""
+
+import copy
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_CAPTIONS
+from PIL import Image
+
+import openvino_runtime
+import precision
+from captioner import Captioner
+from checkpoint import load_model_file, save_captioner
+from config import DecodeConfig
+from images import ImageTransform, load_image
+from openvino_runtime import OpenVinoModel, RuntimeUnavailable
+from release import ModelInfo
+from speculative import DraftTable
+
+pytestmark = pytest.mark.skipif(not openvino_runtime.available(), reason="needs OpenVINO (requirements.txt)")
+SHIPPED = ROOT / "captioner.pt"
+EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+
+
+@pytest.fixture(autouse=True)
+def conversions_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.getbasetemp() / "openvino"
+    monkeypatch.setattr(openvino_runtime, "cache_folder", lambda: folder)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tokenizer, _ = load_model_file(SHIPPED)
+    transform = ImageTransform.for_model(model.config)
+    pixels = transform.normalize(transform.resize([load_image(path) for path in EXAMPLES]))
+    return model.eval(), tokenizer, pixels
+
+
+def test_the_encoder_gives_pytorchs_tokens_on_the_shipped_weights(shipped, tmp_path):
+    model, _, pixels = shipped
+    with torch.inference_mode():
+        tokens, class_tokens = model.encode_with_class_token(pixels)
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        half_tokens = half.encode_with_class_token(pixels.to(torch.bfloat16))[0].float()
+    # float32: the same tokens to 1e-4 (measured 7e-6 on tokens up to about 9 in size).
+    float32 = OpenVinoModel.compile(model, "float32", tmp_path)
+    ov_tokens, ov_class_tokens = float32.encode_with_class_token(pixels)
+    torch.testing.assert_close(ov_tokens, tokens, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ov_class_tokens, class_tokens, atol=1e-4, rtol=0)
+    # bfloat16: no further from float32 than PyTorch's own bfloat16 encoder is, with 50% to spare.
+    bfloat16 = OpenVinoModel.compile(model, "bfloat16", tmp_path)
+    ov_half_tokens = bfloat16.encode_with_class_token(pixels)[0]
+    pytorch_error = (half_tokens - tokens).abs().max()
+    assert 0 < (ov_half_tokens - tokens).abs().max() <= 1.5 * pytorch_error
+
+
+def test_the_compiled_step_gives_the_eager_steps_ids_and_logits_in_float32(shipped, tmp_path):
+    model, tokenizer, pixels = shipped
+    compiled = OpenVinoModel.compile(model, "float32", tmp_path)
+    with torch.inference_mode():
+        tokens = model.encode(pixels)
+        # Several new tokens after a past (speculative decoding's check), then one more: logits, keys and values.
+        ids = torch.tensor([[tokenizer.bos_token_id, 5, 17, 9]] * len(EXAMPLES))
+        eager_cache, their_cache = model.start_cache(tokens, 1, 8), compiled.start_cache(tokens, 1, 8)
+        torch.testing.assert_close(
+            compiled.decode_positions(ids, their_cache, 0),
+            model.decode_positions(ids, eager_cache, 0),
+            atol=1e-4,
+            rtol=0,
+        )
+        following = torch.tensor([[11]] * len(EXAMPLES))
+        torch.testing.assert_close(
+            compiled.decode_step(following, their_cache, 4),
+            model.decode_step(following, eager_cache, 4),
+            atol=1e-4,
+            rtol=0,
+        )
+        torch.testing.assert_close(their_cache.keys[:, :, :, :5], eager_cache.keys[:, :, :, :5], atol=1e-4, rtol=0)
+    for config in (DecodeConfig(strategy="greedy"), DecodeConfig(num_beams=3), DecodeConfig(num_beams=5)):
+        eager = _generate(model, tokens, config, tokenizer)
+        ours = _generate(compiled, tokens, config, tokenizer)
+        assert torch.equal(ours.sequences, eager.sequences), config
+        torch.testing.assert_close(ours.scores, eager.scores, atol=1e-4, rtol=0)
+
+
+def _generate(model, tokens, config, tokenizer):
+    import decoding
+
+    return decoding.generate(
+        model, tokens, config, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+
+
+def test_captioner_captions_alike_in_both_runtimes_in_every_strategy_with_drafts_and_a_prompt_model(
+    captioning_model, tiny_tokenizer, tmp_path
+):
+    from model import with_retrieval
+
+    photos = [
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)) for seed in (1, 2)
+    ]
+    ids = [tiny_tokenizer.encode(text) for text in TINY_CAPTIONS]
+    draft = DraftTable.from_captions(ids, tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id)
+    for model in (captioning_model, with_retrieval(captioning_model, 2, "prompt")):
+        info = ModelInfo(draft=draft.to_dict())
+        torch_run = Captioner(model, tiny_tokenizer, info, device="cpu", dtype="float32", runtime="torch")
+        openvino = Captioner(model, tiny_tokenizer, info, device="cpu", dtype="float32", runtime="openvino")
+        assert (torch_run.runtime, openvino.runtime) == ("torch", "openvino")
+        for config in (
+            DecodeConfig(strategy="greedy", max_new_tokens=8),  # speculative: several drafted tokens per pass
+            DecodeConfig(num_beams=3, max_new_tokens=8, num_return_sequences=2),
+            DecodeConfig(strategy="sample", max_new_tokens=8, seed=3),
+        ):
+            theirs, ours = torch_run.caption(photos, config), openvino.caption(photos, config)
+            assert [c.token_ids for c in ours] == [c.token_ids for c in theirs], (model.config.retrieval_k, config)
+            assert [c.alternatives[0].token_ids for c in ours if c.alternatives] == [
+                c.alternatives[0].token_ids for c in theirs if c.alternatives
+            ]
+
+
+def test_a_model_is_converted_once_and_again_when_its_weights_change(captioning_model, tmp_path, monkeypatch):
+    conversions = []
+    convert = openvino_runtime._convert
+    monkeypatch.setattr(openvino_runtime, "_convert", lambda *args: conversions.append(1) or convert(*args))
+    OpenVinoModel.compile(captioning_model, "float32", tmp_path)
+    OpenVinoModel.compile(captioning_model, "bfloat16", tmp_path)  # the same graphs, compiled in another precision
+    assert len(conversions) == 1
+    changed = type(captioning_model)(captioning_model.config)
+    changed.load_state_dict(captioning_model.state_dict())
+    with torch.no_grad():
+        changed.decoder.ln_f.bias.add_(0.1)
+    OpenVinoModel.compile(changed, "float32", tmp_path)
+    assert len(conversions) == 2
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2  # no staging folder left
+
+
+def _model_accepting_openvino(tmp_path, captioning_model, tiny_tokenizer):
+    path = tmp_path / "model.pt"
+    save_captioner(path, captioning_model, tiny_tokenizer, {"precisions": ["openvino-float32", "float32"]})
+    return path
+
+
+def test_auto_runs_openvino_only_where_the_model_file_accepts_it(tmp_path, captioning_model, tiny_tokenizer):
+    assert Captioner.load(_model_accepting_openvino(tmp_path, captioning_model, tiny_tokenizer)).runtime == "openvino"
+    save_captioner(tmp_path / "plain.pt", captioning_model, tiny_tokenizer, {"precisions": ["float32"]})
+    assert Captioner.load(tmp_path / "plain.pt").runtime == "torch"
+    # Explicitly asked for, it runs whatever the file records.
+    assert Captioner.load(tmp_path / "plain.pt", runtime="openvino", dtype="float32").runtime == "openvino"
+    with pytest.raises(ValueError, match="the openvino runtime runs float32, bfloat16, bfloat16-int8, not int8"):
+        Captioner.load(tmp_path / "plain.pt", runtime="openvino", dtype="int8")
+
+
+def test_without_openvino_auto_falls_back_to_pytorch_and_asking_for_it_says_how_to_install(
+    tmp_path, captioning_model, tiny_tokenizer, monkeypatch, capsys
+):
+    import caption
+
+    path = _model_accepting_openvino(tmp_path, captioning_model, tiny_tokenizer)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    assert not openvino_runtime.available()
+    assert not precision.runs_natively("openvino-float32", torch.device("cpu"))
+    captioner = Captioner.load(path)
+    assert (captioner.runtime, captioner.precision) == ("torch", "float32")
+    with pytest.raises(RuntimeUnavailable, match="not installed: pip install openvino=="):
+        Captioner.load(path, runtime="openvino")
+    assert caption.main(["--model", str(path), "--runtime", "openvino", str(EXAMPLES[0])]) != 0
+    err = capsys.readouterr().err
+    assert "error: the OpenVINO runtime is not installed: pip install openvino==" in err and "Traceback" not in err
+
+
+def test_a_model_openvino_refuses_runs_in_pytorch_under_auto_with_a_warning(
+    tmp_path, captioning_model, tiny_tokenizer, monkeypatch
+):
+    path = _model_accepting_openvino(tmp_path, captioning_model, tiny_tokenizer)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeUnavailable("OpenVINO could not compile this model: simulated")
+
+    monkeypatch.setattr(OpenVinoModel, "compile", refuse)
+    with pytest.warns(UserWarning, match="simulated; running in PyTorch instead"):
+        captioner = Captioner.load(path)
+    assert captioner.runtime == "torch" and captioner.caption([EXAMPLES[0]], max_new_tokens=3)[0].text is not None
+    with warnings.catch_warnings(), pytest.raises(RuntimeUnavailable, match="simulated"):
+        Captioner.load(path, runtime="openvino")
+
+
+def test_the_fastest_accepted_setting_this_machine_runs_is_chosen(monkeypatch):
+    cpu = torch.device("cpu")
+    flags = {"native": frozenset({"avx512_bf16"}), "emulated": frozenset({"avx2"})}
+    accepted = ["openvino-bfloat16", "bfloat16-int8", "bfloat16", "openvino-float32", "int8", "float32"]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags["native"])
+    assert precision.inference_setting("auto", "auto", cpu, accepted) == ("openvino", "bfloat16")
+    everything = ["openvino-bfloat16-int8", *accepted]
+    assert precision.inference_setting("auto", "auto", cpu, everything) == ("openvino", "bfloat16-int8")
+    assert precision.inference_setting("auto", "openvino", cpu, everything) == ("openvino", "bfloat16-int8")
+    assert precision.inference_setting("auto", "torch", cpu, accepted) == ("torch", "bfloat16-int8")
+    assert precision.inference_setting("float32", "auto", cpu, accepted) == ("openvino", "float32")
+    assert precision.inference_setting("float32", "auto", cpu, ["float32"]) == ("torch", "float32")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags["emulated"])  # bfloat16 would be emulated: slower
+    assert precision.inference_setting("auto", "auto", cpu, accepted) == ("openvino", "float32")
+    assert precision.inference_setting("auto", "openvino", cpu, accepted) == ("openvino", "float32")
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, openvino"):
+        precision.inference_setting("auto", "onnx", cpu, accepted)
+
+
+def test_the_one_sided_rule_judges_openvinos_recorded_scores_as_any_precisions():
+    scores = {
+        "float32": {"CIDEr": 0.643, "BLEU-4": 0.258},
+        "openvino-bfloat16": {"CIDEr": 0.662, "BLEU-4": 0.262},  # above float32: accepted
+        "bfloat16": {"CIDEr": 0.634, "BLEU-4": 0.250},  # 0.009 and 0.008 below: accepted
+        "openvino-float32": {"CIDEr": 0.632, "BLEU-4": 0.258},  # 0.011 below on CIDEr: refused
+    }
+    info = ModelInfo(precision_scores=scores)
+    assert precision.accepted_precisions(info) == ["openvino-bfloat16", "bfloat16", "float32"]

@@ -8,6 +8,7 @@
     python benchmark.py retrieval --entries 100000           # a retrieval model's nearest-photo search at that size
     python benchmark.py labels --model captioner.pt          # what the ImageNet labels add to each photo's encoding
     python benchmark.py int8-rows                            # int8 decoder weights against bfloat16, by rows
+    python benchmark.py step --torch-compile                 # a decoding step: PyTorch, OpenVINO, torch.compile
 
 Both decoders get the same weights (ours copied into `GPT2LMHeadModel(add_cross_attention=True)`, which is what
 `VisionEncoderDecoderModel` runs) and the same encoder tokens as `encoder_hidden_states`, and generate exactly
@@ -22,6 +23,7 @@ table splits the end-to-end latency of one caption into encoder and decoder time
 """
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -39,7 +41,8 @@ from cli import with_default_command
 from config import PRESETS, DecodeConfig
 from data import load_split
 from images import load_image
-from model import CaptionModel
+from model import CaptionModel, KVCache
+from openvino_runtime import OpenVinoModel
 from precision import (
     DTYPES,
     SPEED_ORDER,
@@ -171,7 +174,7 @@ def speculative_report(
     data's test split (or examples/): the same ids?, tokens per forward pass, and milliseconds per caption.
 
     The draft is the model file's n-gram table, or one of `draft_order` built from the data's training captions."""
-    captioner = Captioner.load(model_path, device="cpu", dtype=dtype)
+    captioner = Captioner.load(model_path, device="cpu", dtype=dtype, runtime="torch")
     tokenizer = captioner.tokenizer
     table = None if draft_order else captioner.draft
     if data is not None:
@@ -258,7 +261,7 @@ def end_to_end_report(
     "auto" picks is marked default), and a plain pipeline on the same float32 weights: the same
     preprocessing, timm's encoder, and transformers' `generate()` on the decoder's weights."""
     photos = ([item.image for item in load_split(data, "test")] if data else sorted(EXAMPLES.glob("*.jpg")))[:limit]
-    float32 = Captioner.load(model_path, device="cpu", dtype="float32")
+    float32 = Captioner.load(model_path, device="cpu", dtype="float32", runtime="torch")
     config = float32.default_config()
     if config.strategy == "sample" or config.prefix:
         raise ValueError("the end-to-end comparison needs a deterministic default decoding without a prefix")
@@ -363,7 +366,7 @@ def _row(row: dict) -> str:
     )
 
 
-COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels", "int8-rows")
+COMMANDS = ("decoders", "end-to-end", "speculative", "retrieval", "labels", "int8-rows", "step")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "decoders": _print_decoders, "end-to-end": _print_end_to_end, "speculative": _print_speculative,
         "retrieval": _print_retrieval, "labels": _print_labels, "int8-rows": _print_int8_rows,
+        "step": _print_step,
     }  # fmt: skip
     return report[arguments.command](arguments)
 
@@ -416,6 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--entries", type=int, default=100_000, help="photos in the datastore")
     retrieval.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 20)")
     commands.add_parser("labels", parents=[trained], help="the encoder's time with and without the ImageNet labels")
+    step = commands.add_parser("step", parents=[trained], help="a decoding step: PyTorch against OpenVINO, by rows")
+    step.add_argument("--torch-compile", action="store_true", help="also torch.compile's step (minutes to compile)")
     commands.add_parser(
         "int8-rows", help="a decoder layer's int8-weight kernel against bfloat16's matrix product, by rows"
     ).add_argument("--repeats", type=int, default=300, help="timed calls per cell (the mean is reported)")
@@ -442,6 +448,71 @@ def int8_rows_report(repeats: int, rows: Sequence[int] = (1, 3, 6, 12, 24, 48)) 
             times[name] = (time.perf_counter() - started) / repeats * 1e6
         results.append({"rows": count, **times})
     return results
+
+
+class _CompiledTorchStep:
+    """The decoding step `TextDecoder.after_cache` (the function OpenVINO traces) compiled by `torch.compile` with
+    static shapes, used as `CaptionModel.decode_step` is; for the step benchmark only."""
+
+    def __init__(self, model: CaptionModel):
+        self.model = model
+        self.graph = torch.compile(self._step, dynamic=False)
+
+    def _step(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, new_keys, new_values = self.model.decoder.after_cache(*inputs)
+        return self.model.logits(hidden[:, -1]), new_keys, new_values
+
+    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
+        cache = self.model.start_cache(image_tokens, rows_per_image, max_length)
+        cache.keys.zero_(), cache.values.zero_()
+        self.stacked = torch.stack(cache.image_keys), torch.stack(cache.image_values)
+        return cache
+
+    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        visible = torch.arange(cache.capacity) < position
+        logits, new_keys, new_values = self.graph(
+            input_ids, torch.tensor([position]), cache.keys, cache.values, visible, *self.stacked
+        )
+        cache.keys[:, :, :, position : position + 1] = new_keys
+        cache.values[:, :, :, position : position + 1] = new_values
+        return logits
+
+
+def step_report(model_path: str | None, repeats: int, compile_torch: bool) -> list[dict]:
+    """Milliseconds a decoding step takes for 3 rows (one photo's beams) and 48 (a folder batch's), averaged over
+    12 steps from an empty cache: PyTorch's eager step, OpenVINO's compiled one, and (`compile_torch`) the same
+    function compiled by torch.compile, in float32 and bfloat16, on the model's weights and random image tokens."""
+    float32 = Captioner.load(model_path, device="cpu", dtype="float32", runtime="torch").model
+    results = []
+    for precision in ("float32", "bfloat16"):
+        openvino = OpenVinoModel.compile(float32, precision)
+        eager = copy.deepcopy(float32).to(DTYPES[precision])
+        openvino.model = eager  # its cross-attention keys in the same precision
+        steps = {"torch": eager, "openvino": openvino}
+        if compile_torch:
+            steps["torch.compile"] = _CompiledTorchStep(eager)
+        for rows in (3, 48):
+            tokens = torch.randn(rows // 3, 65, float32.config.n_embd, dtype=DTYPES[precision])
+            for name, step in steps.items():
+
+                def decode(step=step, tokens=tokens, rows=rows) -> None:
+                    with torch.inference_mode():
+                        cache = step.start_cache(tokens, 3, 13)
+                        for position in range(12):
+                            step.decode_step(torch.zeros(rows, 1, dtype=torch.long), cache, position)
+
+                seconds, _ = _timed(decode, repeats)  # after a warm-up run (which compiles)
+                results.append({"precision": precision, "rows": rows, "step": name, "ms": seconds / 12 * 1000})
+    return results
+
+
+def _print_step(arguments: argparse.Namespace) -> int:
+    print(f"{torch.get_num_threads()} threads; ms a decoding step, the median of {arguments.repeats or 5} runs")
+    print("| precision | rows | decoding step | ms a step |")
+    print("|---|---|---|---|")
+    for row in step_report(arguments.model, arguments.repeats or 5, arguments.torch_compile):
+        print(f"| {row['precision']} | {row['rows']} | {row['step']} | {row['ms']:.2f} |")
+    return 0
 
 
 def _print_int8_rows(arguments: argparse.Namespace) -> int:

@@ -109,8 +109,11 @@ class Captioner:
         self.info = info or ModelInfo()  # what the model file records about the model (release.py)
         self.runtime, self.precision = inference_setting(dtype, runtime, self.device, accepted_precisions(self.info))
         model = model.to(self.device).eval()
-        # The encoder and decoding step as OpenVINO runs them, or None: PyTorch runs them.
+        self.recogniser = Recogniser(self.info.recogniser, self.device) if self.info.recogniser else None
+        # The encoder, decoding step and recogniser as OpenVINO runs them, or None: PyTorch runs them.
         self.compiled = self._compile(model, dtype, runtime)
+        if self.compiled is not None and self.recogniser is not None:
+            self.recogniser.classify = self.compiled.classify
         self.dtype = compute_dtype(self.precision)
         self.model = quantize(model, self.precision)
         self.tokenizer = tokenizer
@@ -120,7 +123,6 @@ class Captioner:
         self.draft = DraftTable.from_dict(self.info.draft) if self.info.draft else None
         self.familiarity = FamiliarityModel.from_dict(self.info.familiarity) if self.info.familiarity else None
         self.datastore = datastore or (Datastore.from_dict(self.info.datastore) if self.info.datastore else None)
-        self.recogniser = Recogniser(self.info.recogniser, self.device) if self.info.recogniser else None
 
     def _compile(self, model: CaptionModel, dtype: str | torch.dtype, runtime: str) -> OpenVinoModel | None:
         """The model compiled by OpenVINO where that is the chosen runtime. Under "auto", a runtime that refuses the
@@ -128,7 +130,8 @@ class Captioner:
         if self.runtime != OPENVINO:
             return None
         try:
-            return OpenVinoModel.compile(model.float(), self.precision)
+            recogniser = self.recogniser.model if self.recogniser is not None else None
+            return OpenVinoModel.compile(model.float(), self.precision, recogniser=recogniser)
         except RuntimeUnavailable as error:
             if runtime != "auto":
                 raise

@@ -9,6 +9,7 @@ at 224 pixels shares one resize with it.
 """
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torchvision_fix  # noqa: F401  (before timm)
@@ -78,12 +79,14 @@ class Recogniser:
         # Channels-last is the layout oneDNN's depthwise convolutions run fastest in (about 2x on CPUs).
         self.model = fold_batch_norms(build(state)).to(device, memory_format=torch.channels_last)
         self.device = device
+        # Pixels to ImageNet logits: the model, or the same graph compiled by a runtime (Captioner sets it).
+        self.classify: Callable[[Tensor], Tensor] = self.model
 
     def labels(self, resized: np.ndarray) -> list[tuple[Label, ...]]:
         """The `TOP` labels of each photo, most probable first, from photos resized by `TRANSFORM` (B, 224, 224, 3)."""
         pixels = TRANSFORM.normalize(resized).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            probabilities, indices = self.model(pixels).float().softmax(dim=-1).topk(TOP, dim=-1)
+            probabilities, indices = self.classify(pixels).float().softmax(dim=-1).topk(TOP, dim=-1)
         names = class_names()
         return [
             tuple(Label(names[i], round(p, 4)) for i, p in zip(row.tolist(), probs.tolist(), strict=True))

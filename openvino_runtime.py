@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from labels import TRANSFORM as RECOGNISER_TRANSFORM
 from model import CaptionModel, KVCache
 
-GRAPH_VERSION = 2  # raise when the traced graphs change, so that cached conversions are made again
+GRAPH_VERSION = 3  # raise when the traced graphs change, so that cached conversions are made again
 # The precisions it runs, and the one its encoder computes in, as OpenVINO names it. In "bfloat16-int8" PyTorch
 # decodes, with int8 decoder weights (precision.py).
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16"}
@@ -69,12 +70,14 @@ def cache_folder() -> Path:
     return Path(root) / "image-captioner" / "openvino"
 
 
-def model_key(model: CaptionModel) -> str:
-    """A name for what the graphs compute: the model's shape and weights, this runtime's version, GRAPH_VERSION."""
+def model_key(model: CaptionModel, recogniser: nn.Module | None = None) -> str:
+    """A name for what the graphs compute: the models' shapes and weights, this runtime's version, GRAPH_VERSION."""
     digest = hashlib.sha256(repr((model.config, _openvino().__version__, GRAPH_VERSION)).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    states = {"": model.state_dict(), "recogniser.": recogniser.state_dict() if recogniser is not None else {}}
+    for prefix, state in states.items():
+        for name, tensor in state.items():
+            digest.update(f"{prefix}{name}".encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
@@ -102,8 +105,8 @@ class _Step(nn.Module):
         return self.model.logits(hidden), new_keys, new_values
 
 
-def _convert(model: CaptionModel, folder: Path) -> None:
-    """Trace both graphs from the float32 `model` and save them in `folder` (written whole, then renamed)."""
+def _graphs(model: CaptionModel, recogniser: nn.Module | None) -> dict[str, tuple[nn.Module, tuple, list]]:
+    """Each graph by name: the module traced, an example input and the input shapes it keeps open (-1)."""
     ov = _openvino()
     config = model.config
     layers, heads, head_size = config.n_layer, config.n_head, config.n_embd // config.n_head
@@ -120,34 +123,33 @@ def _convert(model: CaptionModel, folder: Path) -> None:
         torch.zeros(layers, images, heads, 5, head_size),
         torch.zeros(layers, images, heads, 5, head_size),
     )
+    open_shapes = [[-1, -1], [-1], cache_shape, cache_shape, [-1], cache_shape, cache_shape]
+    graphs = {
+        "encoder": (_Encoder(model), torch.zeros(1, 3, size, size), [[-1, 3, size, size]]),
+        "step": (_Step(model), step_inputs, [ov.PartialShape(shape) for shape in open_shapes]),
+    }
+    if recogniser is not None:
+        side = RECOGNISER_TRANSFORM.size
+        graphs["recogniser"] = (recogniser, torch.zeros(1, 3, side, side), [[-1, 3, side, side]])
+    return graphs
+
+
+def _convert(model: CaptionModel, recogniser: nn.Module | None, folder: Path) -> None:
+    """Trace every graph from the float32 models and save them in `folder` (written whole, then renamed)."""
+    ov = _openvino()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Tracing warns of every Python branch it fixes; the graphs' open shapes are checked by the tests.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
-            encoder = ov.convert_model(
-                _Encoder(model).eval(), example_input=torch.zeros(1, 3, size, size), input=[(-1, 3, size, size)]
-            )
-            step = ov.convert_model(
-                _Step(model).eval(),
-                example_input=step_inputs,
-                input=[
-                    ov.PartialShape([-1, -1]),
-                    ov.PartialShape([-1]),
-                    cache_shape,
-                    cache_shape,
-                    ov.PartialShape([-1]),
-                    cache_shape,
-                    cache_shape,
-                ],
-            )
-        ov.save_model(encoder, staging / "encoder.xml", compress_to_fp16=False)
-        ov.save_model(step, staging / "step.xml", compress_to_fp16=False)
+        for name, (module, example, shapes) in _graphs(model, recogniser).items():
+            with torch.no_grad(), warnings.catch_warnings():
+                # Tracing warns of every Python branch it fixes; the graphs' open shapes are checked by the tests.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
+                graph = ov.convert_model(module.eval(), example_input=example, input=shapes)
+            ov.save_model(graph, staging / f"{name}.xml", compress_to_fp16=False)
         staging.rename(folder)
     except OSError:
-        if not (folder / "step.xml").exists():  # not another process converting the same model meanwhile
+        if not (folder / "encoder.xml").exists():  # not another process converting the same model meanwhile
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,37 +167,43 @@ class OpenVinoModel:
     """A model's encoder and decoding step compiled by OpenVINO; decodes through decoding.py as `CaptionModel`
     does (`model.StepDecoder`). Safe to call from several threads (one inference request per thread)."""
 
-    def __init__(self, model: CaptionModel, encoder, step, precision: str):
+    def __init__(self, model: CaptionModel, compiled: dict, precision: str):
         self.model = model  # computes each image's cross-attention keys and values, and a prompt model's prompt
         self.config = model.config
         self.precision = precision
         self.decodes = precision in STEP_PRECISIONS  # whether its decoding step is the one to use
-        self._compiled = {"encoder": encoder, "step": step}
+        self._compiled = compiled  # OpenVINO's compiled models by graph name
         self._requests = threading.local()
 
     @classmethod
-    def compile(cls, model: CaptionModel, precision: str, cache: Path | None = None) -> "OpenVinoModel":
-        """The graphs of the float32 `model` compiled for this CPU in `precision` ("float32" or "bfloat16"),
+    def compile(
+        cls, model: CaptionModel, precision: str, cache: Path | None = None, recogniser: nn.Module | None = None
+    ) -> "OpenVinoModel":
+        """The graphs of the float32 `model` (and of an ImageNet `recogniser`, labels.py) compiled for this CPU in
+        `precision` (PRECISION_HINTS; the recogniser always in float32, so that the labels are PyTorch's),
         converted on first use and kept in `cache` (default `cache_folder()`). RuntimeUnavailable if OpenVINO is
         missing or refuses the model."""
         if precision not in PRECISION_HINTS:
-            raise ValueError(f"OpenVINO runs {' or '.join(PRECISION_HINTS)}, not {precision}")
+            raise ValueError(f"OpenVINO runs {', '.join(PRECISION_HINTS)}, not {precision}")
         ov = _openvino()
-        folder = (cache or cache_folder()) / model_key(model)
+        folder = (cache or cache_folder()) / model_key(model, recogniser)
+        hints = {"encoder": PRECISION_HINTS[precision], "step": PRECISION_HINTS[precision], "recogniser": "f32"}
         try:
-            if not (folder / "step.xml").exists():
-                _convert(model, folder)
+            if not (folder / "encoder.xml").exists():
+                _convert(model, recogniser, folder)
             core = ov.Core()
-            options = {
-                "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # as many as PyTorch was given (a Ray actor's)
-                "CACHE_DIR": str(folder / "compiled"),
-            }
-            encoder, step = (core.compile_model(folder / f"{name}.xml", "CPU", options) for name in ("encoder", "step"))
+            compiled = {}
+            for name in hints if recogniser is not None else ("encoder", "step"):
+                options = {
+                    "INFERENCE_PRECISION_HINT": hints[name],
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # as many as PyTorch was given (a Ray actor's)
+                    "CACHE_DIR": str(folder / "compiled"),
+                }
+                compiled[name] = core.compile_model(folder / f"{name}.xml", "CPU", options)
         except (RuntimeError, OSError) as error:  # OpenVINO's conversion and compilation errors are RuntimeErrors
             raise RuntimeUnavailable(f"OpenVINO could not compile this model: {error}") from error
-        return cls(model, encoder, step, precision)
+        return cls(model, compiled, precision)
 
     def _infer(self, name: str, inputs: list[np.ndarray]) -> list[Tensor]:
         requests = self._requests.__dict__
@@ -209,6 +217,11 @@ class OpenVinoModel:
         """`CaptionModel.encode_with_class_token` in one call: the image's tokens and its class token (float32)."""
         tokens, class_tokens = self._infer("encoder", [pixels.float().cpu().numpy()])
         return tokens, class_tokens
+
+    def classify(self, pixels: Tensor) -> Tensor:
+        """The recogniser's ImageNet logits (B, 1000) for its pixels (labels.py); compiled with one only."""
+        [logits] = self._infer("recogniser", [pixels.float().contiguous().cpu().numpy()])
+        return logits
 
     def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
         cache = self.model.start_cache(image_tokens, rows_per_image, max_length)

@@ -44,6 +44,17 @@ TINY_CAPTIONS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_conversions_in_a_temporary_folder(tmp_path_factory):
+    """Models converted for OpenVINO go to the session's temporary folder, not the user's cache."""
+    import openvino_runtime
+
+    folder = tmp_path_factory.mktemp("openvino")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openvino_runtime, "cache_folder", lambda: folder)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_caption_tokenizer(TINY_CAPTIONS * 4, vocab_size=PRESETS["tiny"].vocab_size)

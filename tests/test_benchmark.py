@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import benchmark
+import openvino_runtime
 
 
 def test_quick_table_for_the_tiny_preset(capsys):
@@ -114,3 +115,28 @@ def test_speculative_report_matches_plain_greedy_with_the_files_table_or_one_bui
 def test_the_retrieval_report_times_a_datastore_of_the_asked_size(capsys):
     assert benchmark.main(["retrieval", "--entries", "2000", "--repeats", "2"]) == 0
     assert "datastore of 2,000 photos, 4 nearest by exact search" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not openvino_runtime.available(), reason="needs OpenVINO (requirements.txt)")
+def test_step_report_times_pytorchs_and_openvinos_decoding_step_for_one_photo_and_a_folder_batch(
+    tmp_path, captioning_model, tiny_tokenizer, capsys
+):
+    from checkpoint import save_captioner
+
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {})
+    assert benchmark.main(["step", "--model", str(tmp_path / "model.pt"), "--repeats", "1"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[3:]]
+    assert [row[:3] for row in rows] == [
+        [precision, rows, step]
+        for precision in ("float32", "bfloat16")
+        for rows in ("3", "48")
+        for step in ("torch", "openvino")
+    ]
+    assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_int8_rows_report_times_both_kernels_for_each_row_count(capsys):
+    assert benchmark.main(["int8-rows", "--repeats", "2"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[3:]]
+    assert [row[0] for row in rows] == ["1", "3", "6", "12", "24", "48"]
+    assert all(float(cell) > 0 for row in rows for cell in row[1:])

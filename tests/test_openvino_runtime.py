@@ -26,12 +26,6 @@ SHIPPED = ROOT / "captioner.pt"
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 
 
-@pytest.fixture(autouse=True)
-def conversions_in_a_temporary_folder(tmp_path_factory, monkeypatch):
-    folder = tmp_path_factory.getbasetemp() / "openvino"
-    monkeypatch.setattr(openvino_runtime, "cache_folder", lambda: folder)
-
-
 @pytest.fixture(scope="module")
 def shipped():
     model, tokenizer, _ = load_model_file(SHIPPED)
@@ -216,3 +210,12 @@ def test_the_one_sided_rule_judges_openvinos_recorded_scores_as_any_precisions()
     }
     info = ModelInfo(precision_scores=scores)
     assert precision.accepted_precisions(info) == ["openvino-bfloat16", "bfloat16", "float32"]
+
+
+def test_the_recogniser_gives_pytorchs_labels_on_the_shipped_weights():
+    torch_run = Captioner.load(SHIPPED, device="cpu", runtime="torch", dtype="float32")
+    openvino = Captioner.load(SHIPPED, device="cpu", runtime="openvino", dtype="bfloat16")
+    assert openvino.recogniser.classify == openvino.compiled.classify  # compiled in float32 whatever the precision
+    for theirs, ours in zip(torch_run.labels(EXAMPLES), openvino.labels(EXAMPLES), strict=True):
+        assert [label.name for label in ours] == [label.name for label in theirs]
+        assert all(abs(a.probability - b.probability) <= 1e-3 for a, b in zip(ours, theirs, strict=True))

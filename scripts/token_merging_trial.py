@@ -28,10 +28,12 @@ from model import ImageEncoder
 
 
 def merge_pairs(x: Tensor, size: Tensor, source: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the r most similar (even-index, odd-index) token pairs of x (B, N, C): tokens at even places each
+    """Merge the r most similar (even-place, odd-place) token pairs of x (B, N, C): tokens at even places each
     choose their most similar odd one, and the r best choices merge into it (size-weighted). `size` (B, N, 1) counts
     the patches each token holds, `source` (B, N_patches) says which token holds each patch; all three are
-    returned for the merged tokens, the unmerged even ones first."""
+    returned for the merged tokens, the unmerged even ones first. Gathers and scatters only, so that a traced graph
+    (OpenVINO) keeps it."""
+    width = x.shape[-1]
     metric = x / x.norm(dim=-1, keepdim=True)
     even, odd = metric[:, ::2], metric[:, 1::2]
     similarity = even @ odd.transpose(1, 2)
@@ -39,22 +41,26 @@ def merge_pairs(x: Tensor, size: Tensor, source: Tensor, r: int) -> tuple[Tensor
     best, partner = similarity.max(dim=-1)  # (B, N_even)
     order = best.argsort(dim=-1, descending=True)
     kept, merged = order[:, r:], order[:, :r]
-    batch = torch.arange(x.shape[0])[:, None]
+    targets = partner.gather(1, merged)  # (B, r): the odd token each merged even token joins
     weighted = x * size
     even_x, odd_x, even_size, odd_size = weighted[:, ::2], weighted[:, 1::2], size[:, ::2], size[:, 1::2]
-    targets = partner[batch, merged]  # (B, r): the odd token each merged even token joins
-    odd_x = odd_x.index_put((batch.expand_as(targets), targets), even_x[batch, merged], accumulate=True)
-    odd_size = odd_size.index_put((batch.expand_as(targets), targets), even_size[batch, merged], accumulate=True)
-    new_x = torch.cat([even_x[batch, kept], odd_x], dim=1)
-    new_size = torch.cat([even_size[batch, kept], odd_size], dim=1)
+
+    def rows(tensor: Tensor, index: Tensor) -> Tensor:
+        return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+    odd_x = odd_x.scatter_add(1, targets[..., None].expand(-1, -1, width), rows(even_x, merged))
+    odd_size = odd_size.scatter_add(1, targets[..., None], rows(even_size, merged))
+    new_x = torch.cat([rows(even_x, kept), odd_x], dim=1)
+    new_size = torch.cat([rows(even_size, kept), odd_size], dim=1)
     # Where each old token went: kept even tokens to their place in `kept`, merged ones to their partner's place.
-    place = torch.empty(x.shape[0], x.shape[1], dtype=torch.long)
-    even_places = torch.empty_like(partner)
-    even_places[batch, kept] = torch.arange(kept.shape[1]).expand_as(kept)
-    even_places[batch, merged] = kept.shape[1] + targets
-    place[:, ::2] = even_places
-    place[:, 1::2] = kept.shape[1] + torch.arange(odd.shape[1])
-    return new_x / new_size, new_size, place.gather(1, source)
+    count = kept.shape[1]
+    even_places = torch.zeros_like(partner).scatter(1, kept, torch.arange(count).expand_as(kept))
+    even_places = even_places.scatter(1, merged, count + targets)
+    odd_places = count + torch.arange(odd.shape[1]).expand(x.shape[0], -1)
+    places = torch.zeros(x.shape[:2], dtype=torch.long)
+    places = places.scatter(1, torch.arange(0, x.shape[1], 2).expand_as(even_places), even_places)
+    places = places.scatter(1, torch.arange(1, x.shape[1], 2).expand_as(odd_places), odd_places)
+    return new_x / new_size, new_size, places.gather(1, source)
 
 
 def encode_merged(encoder: ImageEncoder, pixels: Tensor, r: int, blocks: int) -> Tensor:

@@ -121,7 +121,7 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     assert evaluate.main(["precision", *argv, "--max-new-tokens", "6", "--record"]) == 0
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
-    openvino = {"openvino-float32"} | ({"openvino-bfloat16"} if native else set())
+    openvino = {"openvino-float32"} | ({"openvino-bfloat16", "openvino-bfloat16-int8"} if native else set())
     expected_settings = {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
     assert set(scores) == expected_settings | (openvino if openvino_runtime.available() else set())
 

@@ -145,6 +145,16 @@ class ModelInfo:
         for precision, scores in rows.items():
             cells = [f"{scores[name]:.3f}" if name in scores else "–" for name in names]
             table.append(f"| {precision} | " + " | ".join(cells) + " |")
+        if any(name.startswith("openvino-") for name in rows):
+            table += [
+                "",
+                "openvino-: the encoder (and the float32 decoding step) run by OpenVINO, the rest by PyTorch.",
+            ]
+        if len(rows) > 1:
+            table += [
+                "",
+                f"`--dtype auto` runs the first of {', '.join(self.precisions)} that the machine computes natively.",
+            ]
         return table
 
 

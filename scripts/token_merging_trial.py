@@ -110,6 +110,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=8, help="the last blocks that merge")
     parser.add_argument("--limit", type=int, default=None, help="only the first photos of the split")
     arguments = parser.parse_args()
+    if max(arguments.merge) * arguments.blocks > 128:
+        parser.error("--merge times --blocks must leave at least half of the 257 tokens to merge into (at most 128)")
     captioner = Captioner.load(arguments.model, device="cpu", runtime="torch")
     items = load_split(arguments.data, arguments.split)[: arguments.limit]
     paths = [item.image for item in items]

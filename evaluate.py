@@ -224,7 +224,10 @@ def score(
     into a JSONL file."""
     candidates = caption_encoded(captioner, encoded, config)
     scores = score_captions(references, candidates)
-    print(f"{arguments.split}: {len(candidates)} images, decoding {config}")
+    print(
+        f"{arguments.split}: {len(candidates)} images, {captioner.precision} in {captioner.runtime}, in batches of "
+        f"{arguments.batch_size}, decoding {config}"
+    )
     print(format_metrics(scores))
     texts = list(candidates.values())
     print(f"distinct captions: {len(set(texts))} of {len(texts)} ({distinct_ratio(texts):.0%})")

@@ -485,7 +485,7 @@ def step_report(model_path: str | None, repeats: int, compile_torch: bool) -> li
     float32 = Captioner.load(model_path, device="cpu", dtype="float32", runtime="torch").model
     results = []
     for precision in ("float32", "bfloat16"):
-        openvino = OpenVinoModel.compile(float32, precision)
+        openvino = OpenVinoModel.compile(float32, precision, step=True)
         eager = copy.deepcopy(float32).to(DTYPES[precision])
         openvino.model = eager  # its cross-attention keys in the same precision
         steps = {"torch": eager, "openvino": openvino}

@@ -171,17 +171,19 @@ class OpenVinoModel:
         self.model = model  # computes each image's cross-attention keys and values, and a prompt model's prompt
         self.config = model.config
         self.precision = precision
-        self.decodes = precision in STEP_PRECISIONS  # whether its decoding step is the one to use
+        self.decodes = "step" in compiled  # whether its decoding step is the one to use (STEP_PRECISIONS)
         self._compiled = compiled  # OpenVINO's compiled models by graph name
         self._requests = threading.local()
 
     @classmethod
     def compile(
-        cls, model: CaptionModel, precision: str, cache: Path | None = None, recogniser: nn.Module | None = None
-    ) -> "OpenVinoModel":
+        cls, model: CaptionModel, precision: str, cache: Path | None = None, recogniser: nn.Module | None = None,
+        step: bool | None = None,
+    ) -> "OpenVinoModel":  # fmt: skip
         """The graphs of the float32 `model` (and of an ImageNet `recogniser`, labels.py) compiled for this CPU in
         `precision` (PRECISION_HINTS; the recogniser always in float32, so that the labels are PyTorch's),
-        converted on first use and kept in `cache` (default `cache_folder()`). RuntimeUnavailable if OpenVINO is
+        converted on first use and kept in `cache` (default `cache_folder()`). The decoding step is compiled where
+        `step` says, by default where it beats PyTorch's (STEP_PRECISIONS). RuntimeUnavailable if OpenVINO is
         missing or refuses the model."""
         if precision not in PRECISION_HINTS:
             raise ValueError(f"OpenVINO runs {', '.join(PRECISION_HINTS)}, not {precision}")
@@ -193,7 +195,9 @@ class OpenVinoModel:
                 _convert(model, recogniser, folder)
             core = ov.Core()
             compiled = {}
-            for name in hints if recogniser is not None else ("encoder", "step"):
+            step = precision in STEP_PRECISIONS if step is None else step
+            used = ["encoder", *(["step"] if step else []), *(["recogniser"] if recogniser is not None else [])]
+            for name in used:
                 options = {
                     "INFERENCE_PRECISION_HINT": hints[name],
                     "PERFORMANCE_HINT": "LATENCY",

@@ -1,18 +1,19 @@
-"""The encoder and the decoding step run by OpenVINO, a runtime made for CPUs: each a single compiled graph.
+"""The encoder, the ImageNet recogniser and (in float32) the decoding step run by OpenVINO, a runtime made for CPUs.
 
-In PyTorch a decoding step is a few hundred small operations, each paying Python's and the dispatcher's overhead,
-and the encoder's matrix products run below what the CPU's vector and matrix units can do. OpenVINO compiles each
-graph once for this CPU (fused kernels, its own thread pool, bfloat16 where the CPU has it) and runs it in one call.
+PyTorch runs a model operation by operation: the encoder's matrix products run below what the CPU's vector units
+can do, and its attention, GELU, copies and norms each pay their own pass over memory. OpenVINO compiles each graph
+once for this CPU (fused kernels, its own thread pool, bfloat16 where the CPU has it) and runs it in one call.
 
-    compiled = OpenVinoModel.compile(model, "bfloat16")   # model: a float32 CaptionModel
+    compiled = OpenVinoModel.compile(model, "bfloat16", recogniser=...)   # model: a float32 CaptionModel
     tokens, class_tokens = compiled.encode_with_class_token(pixels)
-    decoding.generate(compiled, tokens, config, ...)       # its decoding step, through the same decoding code
+    decoding.generate(compiled, tokens, config, ...)  # where `compiled.decodes`: its step, through the same code
 
 The graphs are traced from the model's own modules (`CaptionModel.encode_with_class_token`,
-`TextDecoder.after_cache`) with shapes left open (batch, caption length, cache size), converted on first use and saved
-under `cache_folder()`, keyed by the weights' content, the runtime's version and GRAPH_VERSION, so a model file is
-converted once per machine; OpenVINO caches the compiled kernels beside them. The cross-attention keys and values of
-each image and a "prompt" model's prompt are computed by PyTorch, once per batch (`CaptionModel.start_cache`).
+`TextDecoder.after_cache`) with shapes left open (batch, caption length, cache size), converted on first use and
+saved under `cache_folder()`, keyed by the weights' content, the runtime's version and GRAPH_VERSION, so a model file
+is converted once per machine; OpenVINO caches the compiled kernels beside them. The cross-attention keys and values
+of each image and a "prompt" model's prompt are computed by PyTorch, once per batch (`CaptionModel.start_cache`).
+Which precisions use which part, and why: docs/speed.md.
 """
 
 import hashlib

@@ -277,3 +277,28 @@ def test_encoder_state_loads_exactly_and_refuses_unknown_or_missing_tensors():
         load_encoder_state(model, {k: v for k, v in state.items() if k != "cls_token"})
     with pytest.raises(ValueError, match="shape"):
         load_encoder_state(model, {**state, "cls_token": torch.zeros(1, 1, 5)})
+
+
+def test_the_step_a_runtime_traces_gives_the_cached_decoders_logits_keys_and_values(tiny_model):
+    """`TextDecoder.after_cache` (the whole cache in, a mask of its filled slots, the new keys and values out) is
+    the cached decoder without in-place writes: the same logits after a prompt of several tokens and one more step."""
+    torch.manual_seed(0)
+    model = tiny_model.eval()
+    with torch.inference_mode():
+        tokens = model.encode(torch.randn(2, 3, model.config.image_size, model.config.image_size))
+        ids = torch.randint(0, model.config.vocab_size, (6, 5))  # 3 rows per image
+        cache = model.start_cache(tokens, 3, 8)
+        expected = [model.decode_positions(ids[:, :4], cache, 0), model.decode_step(ids[:, 4:], cache, 4)]
+        keys, values = torch.zeros_like(cache.keys), torch.zeros_like(cache.values)  # slots not yet filled: zeros
+        image = torch.stack(cache.image_keys), torch.stack(cache.image_values)
+        got = []
+        for start, chunk in ((0, ids[:, :4]), (4, ids[:, 4:])):
+            visible = torch.arange(keys.shape[3]) < start
+            positions = torch.arange(start, start + chunk.shape[1])
+            hidden, new_keys, new_values = model.decoder.after_cache(chunk, positions, keys, values, visible, *image)
+            keys[:, :, :, start : start + chunk.shape[1]] = new_keys
+            values[:, :, :, start : start + chunk.shape[1]] = new_values
+            got.append(model.logits(hidden))
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1][:, -1], expected[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keys[:, :, :, :5], cache.keys[:, :, :, :5], atol=1e-5, rtol=1e-5)

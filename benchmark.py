@@ -41,8 +41,8 @@ from cli import with_default_command
 from config import PRESETS, DecodeConfig
 from data import load_split
 from images import load_image
-from model import CaptionModel, KVCache
-from openvino_runtime import OpenVinoModel
+from model import CaptionModel
+from openvino_runtime import CompiledSteps, OpenVinoModel, StepGraph
 from precision import (
     DTYPES,
     SPEED_ORDER,
@@ -450,34 +450,6 @@ def int8_rows_report(repeats: int, rows: Sequence[int] = (1, 3, 6, 12, 24, 48)) 
     return results
 
 
-class _CompiledTorchStep:
-    """The decoding step `TextDecoder.after_cache` (the function OpenVINO traces) compiled by `torch.compile` with
-    static shapes, used as `CaptionModel.decode_step` is; for the step benchmark only."""
-
-    def __init__(self, model: CaptionModel):
-        self.model = model
-        self.graph = torch.compile(self._step, dynamic=False)
-
-    def _step(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hidden, new_keys, new_values = self.model.decoder.after_cache(*inputs)
-        return self.model.logits(hidden[:, -1]), new_keys, new_values
-
-    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
-        cache = self.model.start_cache(image_tokens, rows_per_image, max_length)
-        cache.keys.zero_(), cache.values.zero_()
-        self.stacked = torch.stack(cache.image_keys), torch.stack(cache.image_values)
-        return cache
-
-    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
-        visible = torch.arange(cache.capacity) < position
-        logits, new_keys, new_values = self.graph(
-            input_ids, torch.tensor([position]), cache.keys, cache.values, visible, *self.stacked
-        )
-        cache.keys[:, :, :, position : position + 1] = new_keys
-        cache.values[:, :, :, position : position + 1] = new_values
-        return logits
-
-
 def step_report(model_path: str | None, repeats: int, compile_torch: bool) -> list[dict]:
     """Milliseconds a decoding step takes for 3 rows (one photo's beams) and 48 (a folder batch's), averaged over
     12 steps from an empty cache: PyTorch's eager step, OpenVINO's compiled one, and (`compile_torch`) the same
@@ -485,12 +457,13 @@ def step_report(model_path: str | None, repeats: int, compile_torch: bool) -> li
     float32 = Captioner.load(model_path, device="cpu", dtype="float32", runtime="torch").model
     results = []
     for precision in ("float32", "bfloat16"):
-        openvino = OpenVinoModel.compile(float32, precision, step=True)
         eager = copy.deepcopy(float32).to(DTYPES[precision])
+        openvino = OpenVinoModel.compile(float32, precision, step=True).steps
         openvino.model = eager  # its cross-attention keys in the same precision
         steps = {"torch": eager, "openvino": openvino}
         if compile_torch:
-            steps["torch.compile"] = _CompiledTorchStep(eager)
+            compiled = torch.compile(StepGraph(eager), dynamic=False)
+            steps["torch.compile"] = CompiledSteps(eager, compiled, DTYPES[precision])
         for rows in (3, 48):
             tokens = torch.randn(rows // 3, 65, float32.config.n_embd, dtype=DTYPES[precision])
             for name, step in steps.items():

@@ -29,7 +29,7 @@ from familiarity import FamiliarityModel
 from images import ImageError, ImageSource, ImageTransform, load_each, load_image
 from labels import TRANSFORM as LABEL_TRANSFORM
 from labels import Label, Recogniser, shares_resize
-from model import CaptionModel
+from model import CaptionModel, StepDecoder
 from openvino_runtime import OpenVinoModel, RuntimeUnavailable
 from precision import (
     OPENVINO,
@@ -116,6 +116,10 @@ class Captioner:
             self.recogniser.classify = self.compiled.classify
         self.dtype = compute_dtype(self.precision)
         self.model = quantize(model, self.precision)
+        # What decodes: OpenVINO's compiled step where it has one (float32), else the model itself.
+        self.decoder: StepDecoder = (
+            self.compiled.steps if self.compiled is not None and self.compiled.steps else self.model
+        )
         self.tokenizer = tokenizer
         self.transform = ImageTransform.for_model(model.config)
         # The training captions' n-gram table, where the model file has one: greedy decoding then checks several
@@ -345,9 +349,8 @@ class Captioner:
         if generator is None and config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        decoder = self.compiled if self.compiled is not None and self.compiled.decodes else self.model
         generation = decoding.generate(
-            decoder, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
+            self.decoder, encoded.tokens, config, bos_token_id=bos, eos_token_id=eos, generator=generator,
             prefix_ids=prefix_ids, draft=self.draft,
         )  # fmt: skip
         familiarity = [None] * encoded.tokens.shape[0]

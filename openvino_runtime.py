@@ -6,7 +6,7 @@ once for this CPU (fused kernels, its own thread pool, bfloat16 where the CPU ha
 
     compiled = OpenVinoModel.compile(model, "bfloat16", recogniser=...)   # model: a float32 CaptionModel
     tokens, class_tokens = compiled.encode_with_class_token(pixels)
-    decoding.generate(compiled, tokens, config, ...)  # where `compiled.decodes`: its step, through the same code
+    decoding.generate(compiled.steps, tokens, config, ...)  # its step (where compiled), through the same code
 
 The graphs are traced from the model's own modules (`CaptionModel.encode_with_class_token`,
 `TextDecoder.after_cache`) with shapes left open (batch, caption length, cache size), converted on first use and
@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +92,11 @@ class _Encoder(nn.Module):
         return self.model.encode_with_class_token(pixels)
 
 
-class _Step(nn.Module):
+class StepGraph(nn.Module):
+    """The decoding step as one function of tensors, what a runtime compiles (`CompiledSteps`): input ids (B, T),
+    their positions (T,), the whole cache's keys and values, its visible slots (C,), the stacked image keys and
+    values -> logits (B, T, vocab) and the new positions' keys and values (`TextDecoder.after_cache`)."""
+
     def __init__(self, model: CaptionModel):
         super().__init__()
         self.model = model
@@ -127,7 +132,7 @@ def _graphs(model: CaptionModel, recogniser: nn.Module | None) -> dict[str, tupl
     open_shapes = [[-1, -1], [-1], cache_shape, cache_shape, [-1], cache_shape, cache_shape]
     graphs = {
         "encoder": (_Encoder(model), torch.zeros(1, 3, size, size), [[-1, 3, size, size]]),
-        "step": (_Step(model), step_inputs, [ov.PartialShape(shape) for shape in open_shapes]),
+        "step": (StepGraph(model), step_inputs, [ov.PartialShape(shape) for shape in open_shapes]),
     }
     if recogniser is not None:
         side = RECOGNISER_TRANSFORM.size
@@ -158,23 +163,59 @@ def _convert(model: CaptionModel, recogniser: nn.Module | None, folder: Path) ->
 
 @dataclass
 class _StackedCache(KVCache):
-    """A KV cache whose image keys and values are also held stacked, as the compiled step reads them."""
+    """A KV cache whose image keys and values are also held stacked, as a compiled step reads them."""
 
-    stacked_image_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    stacked_image_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    stacked_image_keys: Tensor = field(default_factory=lambda: torch.zeros(0))
+    stacked_image_values: Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+class CompiledSteps:
+    """Decoding (`model.StepDecoder`) through a compiled `StepGraph`: `step` takes and returns its tensors. The
+    cache is kept in `dtype`, every slot zeroed first (a masked slot is still read, so none may hold NaN)."""
+
+    def __init__(self, model: CaptionModel, step: Callable[..., tuple[Tensor, Tensor, Tensor]], dtype: torch.dtype):
+        self.model = model  # computes each image's cross-attention keys and values, and a prompt model's prompt
+        self.config = model.config
+        self.step = step
+        self.dtype = dtype
+
+    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
+        cache = self.model.start_cache(image_tokens, rows_per_image, max_length)
+        keys, values = (torch.zeros_like(part, dtype=self.dtype) for part in (cache.keys, cache.values))
+        keys[:, :, :, : cache.prompt_length] = cache.keys[:, :, :, : cache.prompt_length]
+        values[:, :, :, : cache.prompt_length] = cache.values[:, :, :, : cache.prompt_length]
+        stacked = (torch.stack(part).to(self.dtype) for part in (cache.image_keys, cache.image_values))
+        return _StackedCache(keys, values, cache.image_keys, cache.image_values, cache.prompt_length, *stacked)
+
+    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        return self.decode_positions(input_ids, cache, position)[:, -1]
+
+    def decode_positions(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
+        """As `CaptionModel.decode_positions`: logits (B, T, vocab); the new keys and values go into `cache`."""
+        if not isinstance(cache, _StackedCache):
+            raise TypeError("the cache must come from this model's start_cache")
+        start, length = cache.prompt_length + position, input_ids.shape[1]
+        if position + length > self.config.n_positions or start + length > cache.capacity:
+            raise ValueError(f"text positions up to {position + length} exceed the cache or the decoder's limit")
+        logits, new_keys, new_values = self.step(
+            input_ids, torch.arange(position, position + length), cache.keys, cache.values,
+            torch.arange(cache.capacity) < start, cache.stacked_image_keys, cache.stacked_image_values,
+        )  # fmt: skip
+        cache.keys[:, :, :, start : start + length] = new_keys
+        cache.values[:, :, :, start : start + length] = new_values
+        return logits
 
 
 class OpenVinoModel:
-    """A model's encoder and decoding step compiled by OpenVINO; decodes through decoding.py as `CaptionModel`
-    does (`model.StepDecoder`). Safe to call from several threads (one inference request per thread)."""
+    """A model's encoder, recogniser and decoding step compiled by OpenVINO. Safe to call from several threads (one
+    inference request per thread)."""
 
     def __init__(self, model: CaptionModel, compiled: dict, precision: str):
-        self.model = model  # computes each image's cross-attention keys and values, and a prompt model's prompt
-        self.config = model.config
         self.precision = precision
-        self.decodes = "step" in compiled  # whether its decoding step is the one to use (STEP_PRECISIONS)
         self._compiled = compiled  # OpenVINO's compiled models by graph name
         self._requests = threading.local()
+        # Decoding through its compiled step, as decoding.py decodes `CaptionModel`; None where PyTorch decodes.
+        self.steps = CompiledSteps(model, self._step, torch.float32) if "step" in compiled else None
 
     @classmethod
     def compile(
@@ -228,45 +269,6 @@ class OpenVinoModel:
         [logits] = self._infer("recogniser", [pixels.float().contiguous().cpu().numpy()])
         return logits
 
-    def start_cache(self, image_tokens: Tensor, rows_per_image: int, max_length: int) -> KVCache:
-        cache = self.model.start_cache(image_tokens, rows_per_image, max_length)
-        # Every slot is read (masked), so none may hold garbage such as NaN; a prompt's slots are kept.
-        keys, values = (
-            torch.zeros_like(cache.keys, dtype=torch.float32),
-            torch.zeros_like(cache.values, dtype=torch.float32),
-        )
-        keys[:, :, :, : cache.prompt_length] = cache.keys[:, :, :, : cache.prompt_length]
-        values[:, :, :, : cache.prompt_length] = cache.values[:, :, :, : cache.prompt_length]
-        return _StackedCache(
-            keys,
-            values,
-            cache.image_keys,
-            cache.image_values,
-            cache.prompt_length,
-            torch.stack(cache.image_keys).float().numpy(),
-            torch.stack(cache.image_values).float().numpy(),
-        )
-
-    def decode_step(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
-        return self.decode_positions(input_ids, cache, position)[:, -1]
-
-    def decode_positions(self, input_ids: Tensor, cache: KVCache, position: int) -> Tensor:
-        """As `CaptionModel.decode_positions`: logits (B, T, vocab); the new keys and values go into `cache`."""
-        if not isinstance(cache, _StackedCache):
-            raise TypeError("the cache must come from this model's start_cache")
-        start, length = cache.prompt_length + position, input_ids.shape[1]
-        if position + length > self.config.n_positions or start + length > cache.capacity:
-            raise ValueError(f"text positions up to {position + length} exceed the cache or the decoder's limit")
-        inputs = [
-            input_ids.cpu().numpy(),
-            np.arange(position, position + length),
-            cache.keys.numpy(),
-            cache.values.numpy(),
-            np.arange(cache.capacity) < start,
-            cache.stacked_image_keys,
-            cache.stacked_image_values,
-        ]
-        logits, new_keys, new_values = self._infer("step", inputs)
-        cache.keys[:, :, :, start : start + length] = new_keys
-        cache.values[:, :, :, start : start + length] = new_values
-        return logits
+    def _step(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, new_keys, new_values = self._infer("step", [tensor.cpu().numpy() for tensor in inputs])
+        return logits, new_keys, new_values

@@ -138,13 +138,18 @@ def inference_precision(precision: str | torch.dtype, device: torch.device, acce
         return precision
     if precision != "auto":
         return precision
+    return _fastest(accepted, device, (TORCH,)) or "float32"
+
+
+def _fastest(accepted: Collection[str], device: torch.device, runtimes: Collection[str] = RUNTIMES) -> str | None:
+    """The first setting of SPEED_ORDER that is `accepted`, run by one of `runtimes` and native on `device`."""
     return next(
         (
             name
             for name in SPEED_ORDER
-            if name in accepted and split_setting(name)[0] == TORCH and runs_natively(name, device)
+            if name in accepted and split_setting(name)[0] in runtimes and runs_natively(name, device)
         ),
-        "float32",
+        None,
     )
 
 
@@ -168,8 +173,7 @@ def inference_setting(
                 f"the OpenVINO runtime is not installed: {openvino_runtime.INSTALL}"
             )
         if precision == "auto":
-            fastest = (name for name in OPENVINO_SETTINGS if name in accepted and runs_natively(name, device))
-            return OPENVINO, split_setting(next(fastest, "openvino-float32"))[1]
+            return OPENVINO, split_setting(_fastest(accepted, device, (OPENVINO,)) or "openvino-float32")[1]
         name = inference_precision(precision, device)
         if name not in OPENVINO_PRECISIONS:
             raise ValueError(f"the openvino runtime runs {', '.join(OPENVINO_PRECISIONS)}, not {name}")
@@ -177,8 +181,7 @@ def inference_setting(
     if runtime == TORCH:
         return TORCH, inference_precision(precision, device, accepted)
     if precision == "auto":
-        fastest = next((name for name in SPEED_ORDER if name in accepted and runs_natively(name, device)), "float32")
-        return split_setting(fastest)
+        return split_setting(_fastest(accepted, device) or "float32")
     name = inference_precision(precision, device)
     faster = setting_name(OPENVINO, name) in accepted and runs_natively(setting_name(OPENVINO, name), device)
     return (OPENVINO if faster else TORCH), name

@@ -54,7 +54,7 @@ def test_the_encoder_gives_pytorchs_tokens_on_the_shipped_weights(shipped, tmp_p
 
 def test_the_compiled_step_gives_the_eager_steps_ids_and_logits_in_float32(shipped, tmp_path):
     model, tokenizer, pixels = shipped
-    compiled = OpenVinoModel.compile(model, "float32", tmp_path)
+    compiled = OpenVinoModel.compile(model, "float32", tmp_path).steps
     with torch.inference_mode():
         tokens = model.encode(pixels)
         # Several new tokens after a past (speculative decoding's check), then one more: logits, keys and values.

@@ -32,6 +32,7 @@ from labels import Label, Recogniser, shares_resize
 from model import CaptionModel, StepDecoder
 from openvino_runtime import OpenVinoModel, RuntimeUnavailable
 from precision import (
+    INT8_ENCODER,
     OPENVINO,
     TORCH,
     accepted_precisions,
@@ -129,15 +130,18 @@ class Captioner:
         self.datastore = datastore or (Datastore.from_dict(self.info.datastore) if self.info.datastore else None)
 
     def _compile(self, model: CaptionModel, dtype: str | torch.dtype, runtime: str) -> OpenVinoModel | None:
-        """The model compiled by OpenVINO where that is the chosen runtime. Under "auto", a runtime that refuses the
-        model falls back to PyTorch (`self.runtime`, `self.precision` follow) with a warning."""
+        """The model compiled by OpenVINO where that is the chosen runtime. Under "auto" (but for "int8-encoder",
+        which only OpenVINO runs), a runtime that refuses the model falls back to PyTorch (`self.runtime`,
+        `self.precision` follow) with a warning."""
         if self.runtime != OPENVINO:
             return None
         try:
             recogniser = self.recogniser.model if self.recogniser is not None else None
-            return OpenVinoModel.compile(model.float(), self.precision, recogniser=recogniser)
+            return OpenVinoModel.compile(
+                model.float(), self.precision, recogniser=recogniser, int8_encoder=self.info.int8_encoder
+            )
         except RuntimeUnavailable as error:
-            if runtime != "auto":
+            if runtime != "auto" or dtype == INT8_ENCODER:  # asked for, or a precision only OpenVINO runs
                 raise
             warnings.warn(f"{error}; running in PyTorch instead", stacklevel=3)
             self.runtime, self.precision = inference_setting(dtype, TORCH, self.device, accepted_precisions(self.info))

@@ -232,7 +232,7 @@ class DecodeConfig:
 # What training computes in (autocast), and what a released model may run in: the same, plus int8 weights.
 TrainPrecision = Literal["auto", "float32", "bfloat16", "float16"]
 TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
-Precision = Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-int8"]
+Precision = Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-int8", "int8-encoder"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 # What runs a released model: PyTorch, or OpenVINO for the encoder and the decoding step (openvino_runtime.py).
 Runtime = Literal["auto", "torch", "openvino"]

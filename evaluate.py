@@ -28,6 +28,7 @@ from images import IMAGE_SUFFIXES, ImageError, load_each
 from metrics import JavaMissingError, distinct_ratio, format_metrics, require_java, score_captions
 from precision import (
     DTYPES,
+    INT8_ENCODER,
     OPENVINO_SETTINGS,
     QUANTIZED,
     native_half,
@@ -69,17 +70,20 @@ def caption_encoded(captioner: Captioner, encoded: list, config: DecodeConfig) -
 
 def choose_precision(
     arguments: argparse.Namespace, items: list, float32: Captioner, config: DecodeConfig, captions: dict,
-    references: dict,
+    references: dict, argv: Sequence[str],
 ) -> int:  # fmt: skip
     """Score the model in PyTorch's float32 and in each faster setting this machine computes natively (its half
-    precision; on a CPU int8, bfloat16 with int8 decoder weights where bfloat16 is native, and OpenVINO's float32 and
-    bfloat16 where it is installed); record in the model file those no more than PRECISION_TOLERANCE below float32
-    (`qualifying_precisions`), fastest first, so that `--dtype auto --runtime auto` runs the fastest of them that a
-    user's machine supports; float32's scores are recorded as the model's."""
+    precision; on a CPU int8, bfloat16 with int8 decoder weights where bfloat16 is native, and where OpenVINO is
+    installed its float32, bfloat16 and, if the file has an int8 encoder, int8-encoder); record in the model file
+    those no more than PRECISION_TOLERANCE below float32 (`qualifying_precisions`), fastest first, so that `--dtype
+    auto --runtime auto` runs the fastest of them that a user's machine supports; float32's scores are recorded as
+    the model's."""
     scores = {"float32": score_captions(references, captions)}
     half = native_half(float32.device)
     candidates = [name for name, dtype in DTYPES.items() if dtype == half] + [
-        name for name in (*QUANTIZED, *OPENVINO_SETTINGS) if runs_natively(name, float32.device)
+        name
+        for name in (*QUANTIZED, *OPENVINO_SETTINGS)
+        if runs_natively(name, float32.device) and (split_setting(name)[1] != INT8_ENCODER or float32.info.int8_encoder)
     ]
     for name in candidates:
         runtime, precision = split_setting(name)
@@ -109,6 +113,7 @@ def choose_precision(
             "metrics_split": arguments.split,
             "metrics_images": len(captions),
             "distinct_captions": round(distinct_ratio(list(captions.values())), 4),
+            "metrics_command": "python evaluate.py " + " ".join(argv),
         },
     )
     return 0
@@ -195,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if arguments.command == "precision":
         captions = caption_encoded(captioner, encoded, config)
-        return choose_precision(arguments, items, captioner, config, captions, references)
+        return choose_precision(arguments, items, captioner, config, captions, references, argv)
     if arguments.command == "familiarity":
         return familiarity_report(captioner, encoded, config, arguments.ood, arguments.split, arguments.batch_size)
     if arguments.command == "sweep":

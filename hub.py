@@ -3,6 +3,7 @@
     python hub.py release runs/small/best.pt captioner.pt --decoding '{"num_beams": 3}'
     python hub.py release runs/wide/epoch-11.pt runs/wide/epoch-12.pt averaged.pt    # the mean of the weights
     python hub.py release captioner.pt faster.pt --image-size 168   # smaller photos: check its val scores first
+    python hub.py quantize captioner.pt --data DATA               # its encoder in int8 for OpenVINO (needs NNCF)
     python hub.py card captioner.pt > docs/model-card.md          # the model card its record renders
     python hub.py push captioner.pt user/image-captioner          # needs `hf auth login` or HF_TOKEN
     python hub.py deploy-space user/captioner-demo                # the app and its model as a Gradio Space
@@ -25,7 +26,7 @@ from checkpoint import HUB_FILENAME, CheckpointError, load_model_file
 from config import ModelConfig
 from data import DataError
 from distill import TeacherMissingError
-from release import FLICKR8K_TERMS, ModelInfo, release
+from release import CALIBRATION_PHOTOS, FLICKR8K_TERMS, ModelInfo, add_int8_encoder, release
 
 ROOT = Path(__file__).resolve().parent
 # What a Space runs: the code (every top-level module), what to install, the README whose front matter configures
@@ -124,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--recipe", nargs="*", default=None, help="the commands that made it, recorded for its card")
     make.add_argument("--base-weights", default=None, help="the pretrained parts it started from, for its card")
+    quantize = commands.add_parser(
+        "quantize", help="add the encoder quantized to int8 for OpenVINO (needs NNCF), calibrated on training photos"
+    )
+    quantize.add_argument("model")
+    quantize.add_argument("--data", required=True, help="the training data set: its photos calibrate the int8 ranges")
+    quantize.add_argument("--photos", type=int, default=CALIBRATION_PHOTOS, help="calibration photos (%(default)s)")
     card = commands.add_parser("card", help="print the model card a model file's record renders")
     card.add_argument("model")
     card.add_argument("--repo-id", default=HUB_FILENAME, help="the name it is loaded by (default: %(default)s)")
@@ -156,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "unlike them are flagged, the model's earlier training photos too where they differ. Pass the "
                     "data set the model knows best, or combine both in one folder."
                 )
+        elif arguments.command == "quantize":
+            encoder = add_int8_encoder(arguments.model, arguments.data, arguments.photos)
+            print(
+                f"{arguments.model}: int8 encoder added ({encoder['weights'].numel() / 2**20:.1f} MiB, calibrated on "
+                f"{encoder['calibration_photos']} photos); score it with python evaluate.py precision --model "
+                f"{arguments.model} --data {arguments.data} --record"
+            )
         elif arguments.command == "card":
             model, _, metadata = load_model_file(arguments.model)
             print(model_card(ModelInfo.from_dict(metadata), model.config, arguments.repo_id), end="")

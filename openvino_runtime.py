@@ -16,13 +16,16 @@ of each image and a "prompt" model's prompt are computed by PyTorch, once per ba
 Which precisions use which part, and why: docs/speed.md.
 """
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +38,16 @@ from model import CaptionModel, KVCache
 
 GRAPH_VERSION = 3  # raise when the traced graphs change, so that cached conversions are made again
 # The precisions it runs, and the one its encoder computes in, as OpenVINO names it. In "bfloat16-int8" PyTorch
-# decodes, with int8 decoder weights (precision.py).
-PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16"}
+# decodes, with int8 decoder weights (precision.py); "int8-encoder" decodes so too, and its encoder is the model
+# file's int8 graph (`quantize_encoder`), whose matrix products run in int8 and the rest in bfloat16.
+PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16", "int8-encoder": "bf16"}
+INT8_ENCODER = "int8-encoder"
 # Where its decoding step beats PyTorch's (docs/speed.md): in float32 it decodes a photo in about half the time. In
 # bfloat16 PyTorch's step is as fast (a step reads every decoder weight once; bfloat16 halves those bytes either
 # way), and OpenVINO's thread pool alternating with PyTorch's between steps costs it more, so PyTorch decodes there.
 STEP_PRECISIONS = ("float32",)
 INSTALL = "pip install openvino==2026.4.1"
+INSTALL_NNCF = "pip install nncf==3.4.0"
 
 
 class RuntimeUnavailable(ValueError):
@@ -140,6 +146,72 @@ def _graphs(model: CaptionModel, recogniser: nn.Module | None) -> dict[str, tupl
     return graphs
 
 
+def _trace(module: nn.Module, example: Tensor | tuple, shapes: list):
+    """`module` as an OpenVINO model, traced on `example` with `shapes` (-1: open)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns of every Python branch it fixes; the graphs' open shapes are checked by the tests.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
+        return _openvino().convert_model(module.eval(), example_input=example, input=shapes)
+
+
+# The traced graph's names of the encoder blocks' attention projections (timm's `blocks.N.attn.qkv` and `.proj`).
+ATTENTION_PROJECTIONS = r".*\.blocks\.\d+\.attn\.(qkv|proj)/.*"
+
+
+def quantize_encoder(
+    model: CaptionModel, calibration: Sequence[Tensor], kept_in_bfloat16: Sequence[str] = (ATTENTION_PROJECTIONS,)
+) -> dict:
+    """The float32 `model`'s encoder (`CaptionModel.encode_with_class_token`) as an OpenVINO graph whose MLP matrix
+    products take int8 weights and int8 activations, for the model file to carry (release.add_int8_encoder).
+
+    NNCF's post-training quantization: the activations' ranges come from running `calibration` (pixel batches
+    made by the model's ImageTransform: the training photos), and its transformer preset smooths the outlier
+    channels into the weights first and keeps softmax and norms out of int8. On CPUs with VNNI or AMX, int8 matrix
+    products do twice bfloat16's multiplies per instruction (docs/speed.md). The attention's projections stay in
+    bfloat16: in int8 they moved the class token, which the unfamiliar-photo signal reads, enough to stop flagging
+    a photo the float encoder flags (docs/speed.md). `kept_in_bfloat16`: patterns of the traced graph's operation
+    names that stay out of int8. Needs NNCF (INSTALL_NNCF)."""
+    ov = _openvino()
+    try:
+        import nncf
+    except ImportError as error:
+        raise RuntimeUnavailable(f"quantizing needs NNCF, which is not installed: {INSTALL_NNCF}") from error
+    size = model.config.image_size
+    graph = _trace(_Encoder(model), torch.zeros(1, 3, size, size), [[-1, 3, size, size]])
+    samples = [pixels.float().numpy() for pixels in calibration]
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress bars: stdout is for what commands print as results
+        quantized = nncf.quantize(
+            graph, nncf.Dataset(samples), subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(patterns=list(kept_in_bfloat16)),
+        )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        ov.save_model(_float16_weights(quantized), Path(folder) / "encoder.xml", compress_to_fp16=False)
+        return {
+            "graph": (Path(folder) / "encoder.xml").read_text(encoding="utf-8"),
+            "weights": torch.from_numpy(np.fromfile(Path(folder) / "encoder.bin", dtype=np.uint8)),
+            "calibration_photos": sum(len(pixels) for pixels in calibration),
+            "openvino": ov.__version__,
+        }
+
+
+def _float16_weights(graph):
+    """`graph` with its float32 weight tensors stored in float16, as the model file keeps them, and widened when it
+    is compiled. (save_model's own compression leaves a quantized graph's weights alone, doubling its size.)"""
+    ov = _openvino()
+    from openvino import opset13
+
+    for constant in graph.get_ops():
+        if constant.get_type_name() == "Constant" and constant.get_output_element_type(0) == ov.Type.f32:
+            values = constant.get_data()
+            if values.size >= 1024:  # weights, not scales or shapes
+                widened = opset13.convert(opset13.constant(values.astype(np.float16)), ov.Type.f32)
+                for target in constant.output(0).get_target_inputs():
+                    target.replace_source_output(widened.output(0))
+    return graph
+
+
 def _convert(model: CaptionModel, recogniser: nn.Module | None, folder: Path) -> None:
     """Trace every graph from the float32 models and save them in `folder` (written whole, then renamed)."""
     ov = _openvino()
@@ -147,12 +219,7 @@ def _convert(model: CaptionModel, recogniser: nn.Module | None, folder: Path) ->
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
         for name, (module, example, shapes) in _graphs(model, recogniser).items():
-            with torch.no_grad(), warnings.catch_warnings():
-                # Tracing warns of every Python branch it fixes; the graphs' open shapes are checked by the tests.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
-                graph = ov.convert_model(module.eval(), example_input=example, input=shapes)
-            ov.save_model(graph, staging / f"{name}.xml", compress_to_fp16=False)
+            ov.save_model(_trace(module, example, shapes), staging / f"{name}.xml", compress_to_fp16=False)
         staging.rename(folder)
     except OSError:
         if not (folder / "encoder.xml").exists():  # not another process converting the same model meanwhile
@@ -220,15 +287,19 @@ class OpenVinoModel:
     @classmethod
     def compile(
         cls, model: CaptionModel, precision: str, cache: Path | None = None, recogniser: nn.Module | None = None,
-        step: bool | None = None,
+        step: bool | None = None, int8_encoder: dict | None = None,
     ) -> "OpenVinoModel":  # fmt: skip
         """The graphs of the float32 `model` (and of an ImageNet `recogniser`, labels.py) compiled for this CPU in
         `precision` (PRECISION_HINTS; the recogniser always in float32, so that the labels are PyTorch's),
         converted on first use and kept in `cache` (default `cache_folder()`). The decoding step is compiled where
-        `step` says, by default where it beats PyTorch's (STEP_PRECISIONS). RuntimeUnavailable if OpenVINO is
-        missing or refuses the model."""
+        `step` says, by default where it beats PyTorch's (STEP_PRECISIONS). "int8-encoder" runs the model file's
+        `int8_encoder` (`quantize_encoder`'s). RuntimeUnavailable if OpenVINO is missing or refuses the model."""
         if precision not in PRECISION_HINTS:
             raise ValueError(f"OpenVINO runs {', '.join(PRECISION_HINTS)}, not {precision}")
+        if precision == INT8_ENCODER and int8_encoder is None:
+            raise RuntimeUnavailable(
+                "this model file has no int8 encoder (python hub.py quantize MODEL --data DATA adds one)"
+            )
         ov = _openvino()
         folder = (cache or cache_folder()) / model_key(model, recogniser)
         hints = {"encoder": PRECISION_HINTS[precision], "step": PRECISION_HINTS[precision], "recogniser": "f32"}
@@ -246,7 +317,10 @@ class OpenVinoModel:
                     "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # as many as PyTorch was given (a Ray actor's)
                     "CACHE_DIR": str(folder / "compiled"),
                 }
-                compiled[name] = core.compile_model(folder / f"{name}.xml", "CPU", options)
+                graph = folder / f"{name}.xml"
+                if name == "encoder" and precision == INT8_ENCODER:
+                    graph = core.read_model(int8_encoder["graph"].encode(), int8_encoder["weights"].numpy().tobytes())
+                compiled[name] = core.compile_model(graph, "CPU", options)
         except (RuntimeError, OSError) as error:  # OpenVINO's conversion and compilation errors are RuntimeErrors
             raise RuntimeUnavailable(f"OpenVINO could not compile this model: {error}") from error
         return cls(model, compiled, precision)

@@ -1,14 +1,16 @@
 """Where the model runs and in which precision: the one default device and the one precision vocabulary.
 
 Precision names are config.PRECISIONS: "float32", "bfloat16", "float16", "int8" (float32 compute with int8 decoder
-weights, CPU only), "bfloat16-int8" (bfloat16 compute with int8 decoder weights, CPUs with native bfloat16), and
-"auto" (resolved here). A precision runs in one of config.RUNTIMES: "torch", or "openvino" (float32 and bfloat16)
-for the encoder and the decoding step; recorded scores and the speed order name the pair a setting,
-"openvino-bfloat16" (`setting_name`).
+weights, CPU only), "bfloat16-int8" (bfloat16 compute with int8 decoder weights, CPUs with native bfloat16),
+"int8-encoder" (OpenVINO only: the encoder's matrix products in int8, weights and activations, from the model file's
+int8 graph; decoding as "bfloat16-int8") and "auto" (resolved here). A precision runs in one of config.RUNTIMES:
+"torch", or "openvino" for the encoder (float32, bfloat16, int8) and the decoding step; recorded scores and the
+speed order name the pair a setting, "openvino-bfloat16" (`setting_name`).
 """
 
 import warnings
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,21 +18,25 @@ from torch import Tensor, nn
 
 import openvino_runtime
 from config import RUNTIMES
-from release import ModelInfo
+
+if TYPE_CHECKING:  # release.py imports this module's setting names
+    from release import ModelInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"
 BFLOAT16_INT8 = "bfloat16-int8"
-QUANTIZED = {INT8: torch.float32, BFLOAT16_INT8: torch.bfloat16}  # int8 decoder weights, and the compute dtype
+INT8_ENCODER = openvino_runtime.INT8_ENCODER
+# int8 decoder weights, and the compute dtype of the rest (of the decoder alone in "int8-encoder")
+QUANTIZED = {INT8: torch.float32, BFLOAT16_INT8: torch.bfloat16, INT8_ENCODER: torch.bfloat16}
 TORCH, OPENVINO = "torch", "openvino"
 OPENVINO_PRECISIONS = tuple(openvino_runtime.PRECISION_HINTS)
 # Settings fastest first, for one photo end to end (docs/speed.md): what "auto" tries, in this order. OpenVINO's
-# encoder beats PyTorch's in the same precision, and its float32 beats PyTorch's int8 and float32. On our CPU
-# bfloat16 beats int8 because it halves the encoder's time too, where int8 only shrinks the decoder; bfloat16 with
-# int8 decoder weights beats both.
+# encoder beats PyTorch's in the same precision, and its float32 beats PyTorch's int8 and float32; its int8 encoder
+# beats its bfloat16 one. On our CPU bfloat16 beats int8 because it halves the encoder's time too, where int8 only
+# shrinks the decoder; bfloat16 with int8 decoder weights beats both.
 SPEED_ORDER = (
-    "openvino-bfloat16-int8", "openvino-bfloat16", BFLOAT16_INT8, "bfloat16", "float16", "openvino-float32", INT8,
-    "float32",
+    "openvino-int8-encoder", "openvino-bfloat16-int8", "openvino-bfloat16", BFLOAT16_INT8, "bfloat16", "float16",
+    "openvino-float32", INT8, "float32",
 )  # fmt: skip
 OPENVINO_SETTINGS = tuple(name for name in SPEED_ORDER if name.startswith(f"{OPENVINO}-"))  # fastest first
 
@@ -110,11 +116,18 @@ def runs_natively(setting: str, device: torch.device) -> bool:
         return (
             device.type == "cpu"
             and precision in OPENVINO_PRECISIONS
-            and runs_natively(precision, device)
+            and _computes(precision, device)
             and openvino_runtime.available()
         )
+    return precision != INT8_ENCODER and _computes(precision, device)
+
+
+def _computes(precision: str, device: torch.device) -> bool:
+    """Whether `device` has the instructions that make `precision` faster than float32."""
     if precision == INT8:
         return device.type == "cpu" and quantized_engine() != "none"
+    if precision == INT8_ENCODER:  # int8 dot products (VNNI, AMX), and bfloat16 for the rest
+        return _computes(BFLOAT16_INT8, device) and bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if precision == BFLOAT16_INT8:
         return device.type == "cpu" and native_half(device) == torch.bfloat16
     return precision == "float32" or native_half(device) == to_dtype(precision)
@@ -179,10 +192,15 @@ def inference_setting(
             raise ValueError(f"the openvino runtime runs {', '.join(OPENVINO_PRECISIONS)}, not {name}")
         return OPENVINO, name
     if runtime == TORCH:
-        return TORCH, inference_precision(precision, device, accepted)
+        name = inference_precision(precision, device, accepted)
+        if name == INT8_ENCODER:
+            raise ValueError(f"{INT8_ENCODER} runs in the openvino runtime only, not in torch")
+        return TORCH, name
     if precision == "auto":
         return split_setting(_fastest(accepted, device) or "float32")
     name = inference_precision(precision, device)
+    if name == INT8_ENCODER:
+        return inference_setting(name, OPENVINO, device, accepted)
     faster = setting_name(OPENVINO, name) in accepted and runs_natively(setting_name(OPENVINO, name), device)
     return (OPENVINO if faster else TORCH), name
 
@@ -204,7 +222,7 @@ def qualifying_precisions(scores: dict[str, dict[str, float]]) -> list[str]:
     ]
 
 
-def accepted_precisions(info: ModelInfo) -> list[str]:
+def accepted_precisions(info: "ModelInfo") -> list[str]:
     """The precisions a model file's recorded scores qualify (evaluate.py precision), fastest first; files
     without scores name their accepted precisions, or before int8 only their one chosen precision."""
     if "float32" in (info.precision_scores or {}):
@@ -242,7 +260,7 @@ def quantize(model: nn.Module, precision: str) -> nn.Module:
     rest in `compute_dtype(precision)`."""
     if precision == INT8:
         return quantize_int8(model.float())
-    if precision == BFLOAT16_INT8:
+    if precision in (BFLOAT16_INT8, INT8_ENCODER):
         for module in list(model.decoder.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):

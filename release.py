@@ -21,11 +21,13 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_model_file, save_captioner, update_metadata
 from config import DecodeConfig, ModelConfig
-from data import load_split
+from data import DataError, load_split
 from distill import load_teacher
 from familiarity import FamiliarityModel
 from images import ImageError, ImageTransform, load_each
 from model import CaptionModel, with_image_layout
+from openvino_runtime import INT8_ENCODER, quantize_encoder
+from precision import OPENVINO, setting_name
 from retrieval import Datastore
 from speculative import DraftTable
 from tokenizer import CaptionTokenizer
@@ -66,10 +68,11 @@ class ModelInfo:
     precision_split: str | None = None
     familiarity: dict | None = None  # familiarity.FamiliarityModel of the training photos' features
     datastore: dict | None = None  # a retrieval model's photos and captions (retrieval.Datastore)
+    int8_encoder: dict | None = None  # the encoder as an int8 OpenVINO graph (openvino_runtime.quantize_encoder)
 
     MEASURED = (
         "metrics", "metrics_split", "metrics_images", "distinct_captions", "metrics_command", "precision",
-        "precisions", "precision_scores", "precision_split", "familiarity", "datastore",
+        "precisions", "precision_scores", "precision_split", "familiarity", "datastore", "int8_encoder",
     )  # fmt: skip
 
     @classmethod
@@ -149,6 +152,13 @@ class ModelInfo:
             table += [
                 "",
                 "openvino-: the encoder (and the float32 decoding step) run by OpenVINO, the rest by PyTorch.",
+            ]
+        if self.int8_encoder and any(name.endswith("int8-encoder") for name in rows):
+            table += [
+                "",
+                "int8-encoder: the encoder's MLP matrix products in int8, weights and activations (the file's int8 "
+                f"graph, its ranges calibrated on {self.int8_encoder['calibration_photos']} training photos), the "
+                "rest of the encoder in bfloat16; decoding in bfloat16 with int8 decoder weights.",
             ]
         if len(rows) > 1:
             table += [
@@ -233,6 +243,45 @@ def release(
         learned["datastore"] = datastore.to_dict()
     update_metadata(destination, learned)
     return info.merged(learned)
+
+
+CALIBRATION_PHOTOS = 300  # NNCF's default subset; 64 photos scored as well on val, so 300 leaves room
+
+
+def calibration_pixels(data: str | os.PathLike, transform: ImageTransform, photos: int) -> list[Tensor]:
+    """`photos` training photos of `data`, evenly spread, each made into its (1, 3, H, W) pixels by `transform`."""
+    if photos < 1:
+        raise ValueError(f"photos must be at least 1, not {photos}")
+    train = load_split(data, "train")
+    chosen = [train[index * len(train) // photos].image for index in range(min(photos, len(train)))]
+    calibration = [transform([picture]) for picture in load_each(chosen) if not isinstance(picture, ImageError)]
+    if not calibration:
+        raise DataError(f"{data}: none of the {len(chosen)} training photos chosen for calibration could be read")
+    return calibration
+
+
+def add_int8_encoder(path: str | os.PathLike, data: str | os.PathLike, photos: int = CALIBRATION_PHOTOS) -> dict:
+    """Carry in the model file at `path` its encoder quantized to int8 for OpenVINO ("int8-encoder",
+    openvino_runtime.quantize_encoder), calibrated on `photos` training photos of `data`, evenly spread.
+
+    Scores recorded for "openvino-int8-encoder" are dropped with the graph they measured: `evaluate.py precision
+    --record` scores the new one, and `--dtype auto` runs it only once that qualifies it."""
+    model, _, saved = load_model_file(path)
+    int8_encoder = quantize_encoder(model, calibration_pixels(data, ImageTransform.for_model(model.config), photos))
+    info = ModelInfo.from_dict(saved)
+    stale = setting_name(OPENVINO, INT8_ENCODER)
+    scores = {name: values for name, values in (info.precision_scores or {}).items() if name != stale}
+    precisions = [name for name in info.precisions if name != stale]
+    update_metadata(
+        path,
+        {
+            "int8_encoder": int8_encoder,
+            "precision_scores": scores or None,
+            "precisions": precisions,
+            "precision": precisions[0] if precisions else None,
+        },
+    )
+    return int8_encoder
 
 
 def average_captioners(paths: Sequence[str | os.PathLike]) -> tuple[CaptionModel, CaptionTokenizer, dict]:

@@ -1,5 +1,6 @@
 """Caption metrics against hand-computed BLEU and pycocoevalcap's own scorers; the evaluation command."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -10,6 +11,7 @@ from conftest import ROOT
 import evaluate
 import metrics
 import precision
+from images import ImageTransform, load_image
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -110,8 +112,15 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     for name in ("cat.jpg", "coffee.jpg", "rocket.jpg"):
         shutil.copy(ROOT / "examples" / name, tmp_path / "data" / "test" / name)
         (tmp_path / "data" / "test" / name).with_suffix(".txt").write_text("a photo\nsomething\n")
-    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, {"precision": "bfloat16"})
-    flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16"} if native else set())  # the CPU's report, simulated
+    metadata = {"precision": "bfloat16"}
+    int8_encoder = native and openvino_runtime.available() and importlib.util.find_spec("nncf") is not None
+    if int8_encoder:  # scored only where the file carries it
+        transform = ImageTransform.for_model(captioning_model.config)
+        calibration = [transform([load_image(ROOT / "examples" / "cat.jpg")])]
+        metadata["int8_encoder"] = openvino_runtime.quantize_encoder(captioning_model, calibration)
+    save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, metadata)
+    # the CPU's report, simulated
+    flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16", "avx512_vnni"} if native else set())
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     argv = ["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data"), "--strategy", "greedy"]
     before = (tmp_path / "model.pt").read_bytes()
@@ -122,6 +131,7 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
     openvino = {"openvino-float32"} | ({"openvino-bfloat16", "openvino-bfloat16-int8"} if native else set())
+    openvino |= {"openvino-int8-encoder"} if int8_encoder else set()
     expected_settings = {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
     assert set(scores) == expected_settings | (openvino if openvino_runtime.available() else set())
 
@@ -131,6 +141,8 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     expected = [name for name in precision.SPEED_ORDER if name in scores and close(name)]
     assert metadata["precisions"] == expected and metadata["precision"] == expected[0]
     assert metadata["metrics"] == scores["float32"] and metadata["metrics_split"] == "test"  # the model's scores
+    recorded_command = "python evaluate.py precision " + " ".join(argv) + " --max-new-tokens 6 --record"
+    assert metadata["metrics_command"] == recorded_command
     assert f"recorded precision: {expected[0]} (at most 0.01 below float32, fastest first: {', '.join(expected)})" in (
         capsys.readouterr().out
     )

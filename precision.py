@@ -2,8 +2,8 @@
 
 Precision names are config.PRECISIONS: "float32", "bfloat16", "float16", "int8" (float32 compute with int8 decoder
 weights, CPU only), "bfloat16-int8" (bfloat16 compute with int8 decoder weights, CPUs with native bfloat16),
-"int8-encoder" (OpenVINO only: the encoder's matrix products in int8, weights and activations, from the model file's
-int8 graph; decoding as "bfloat16-int8") and "auto" (resolved here). A precision runs in one of config.RUNTIMES:
+"int8-encoder" (OpenVINO only: the encoder's MLP matrix products in int8, weights and activations, from the model
+file's int8 graph; decoding as "bfloat16-int8") and "auto" (resolved here). A precision runs in one of config.RUNTIMES:
 "torch", or "openvino" for the encoder (float32, bfloat16, int8) and the decoding step; recorded scores and the
 speed order name the pair a setting, "openvino-bfloat16" (`setting_name`).
 """

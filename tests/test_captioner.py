@@ -186,7 +186,7 @@ def test_half_precision_captions_carry_the_float32_models_token_probabilities(
     half = Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype=dtype)
     assert {parameter.dtype for parameter in half.model.parameters()} == {getattr(torch, dtype)}
     _assert_float32_gives_their_tokens_the_same_logprobs(half, captioner, [_photo(14), _photo(15)], atol=0.1)
-    choices = "auto, float32, bfloat16, float16, int8, bfloat16-int8"
+    choices = "auto, float32, bfloat16, float16, int8, bfloat16-int8, int8-encoder"
     with pytest.raises(ValueError, match=f"dtype must be one of {choices}, not 'int4'"):
         Captioner.load(tmp_path / "captioner.pt", device="cpu", dtype="int4")
 

@@ -19,7 +19,7 @@ from checkpoint import load_model_file, save_captioner
 from config import DecodeConfig
 from images import ImageTransform, load_image
 from openvino_runtime import OpenVinoModel, RuntimeUnavailable, quantize_encoder
-from release import ModelInfo
+from release import ModelInfo, record
 from speculative import DraftTable
 
 pytestmark = pytest.mark.skipif(not openvino_runtime.available(), reason="needs OpenVINO (requirements.txt)")
@@ -275,6 +275,10 @@ def test_hub_quantize_adds_an_int8_encoder_whose_mlp_products_run_in_int8(
     assert sum(".mlp.fc" in name and kind in ("i8", "u8") for name, kind in products.items()) == 2 * blocks
     assert sum(".attn." in name and kind == "bf16" for name, kind in products.items()) == 2 * blocks
     assert captioner.caption(EXAMPLES[:2], max_new_tokens=3)[0].text is not None
+    # Once scored, the model card says what the setting is.
+    record(path, {"precision_scores": recorded, "precisions": precisions})
+    assert hub.main(["card", str(path)]) == 0
+    assert "int8-encoder: the encoder's MLP matrix products in int8" in capsys.readouterr().out
 
 
 def test_asking_for_the_int8_encoder_of_a_file_without_one_says_how_to_add_it(

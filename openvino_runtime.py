@@ -40,8 +40,8 @@ GRAPH_VERSION = 3  # raise when the traced graphs change, so that cached convers
 # The precisions it runs, and the one its encoder computes in, as OpenVINO names it. In "bfloat16-int8" PyTorch
 # decodes, with int8 decoder weights (precision.py); "int8-encoder" decodes so too, and its encoder is the model
 # file's int8 graph (`quantize_encoder`), whose matrix products run in int8 and the rest in bfloat16.
-PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16", "int8-encoder": "bf16"}
 INT8_ENCODER = "int8-encoder"
+PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "bfloat16-int8": "bf16", INT8_ENCODER: "bf16"}
 # Where its decoding step beats PyTorch's (docs/speed.md): in float32 it decodes a photo in about half the time. In
 # bfloat16 PyTorch's step is as fast (a step reads every decoder weight once; bfloat16 halves those bytes either
 # way), and OpenVINO's thread pool alternating with PyTorch's between steps costs it more, so PyTorch decodes there.
@@ -205,7 +205,7 @@ def _float16_weights(graph):
     for constant in graph.get_ops():
         if constant.get_type_name() == "Constant" and constant.get_output_element_type(0) == ov.Type.f32:
             values = constant.get_data()
-            if values.size >= 1024:  # weights, not scales or shapes
+            if values.size >= 1024:  # weights, and the per-channel scales of layers this wide; not shapes
                 widened = opset13.convert(opset13.constant(values.astype(np.float16)), ov.Type.f32)
                 for target in constant.output(0).get_target_inputs():
                     target.replace_source_output(widened.output(0))

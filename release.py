@@ -153,7 +153,7 @@ class ModelInfo:
                 "",
                 "openvino-: the encoder (and the float32 decoding step) run by OpenVINO, the rest by PyTorch.",
             ]
-        if self.int8_encoder and any(name.endswith("int8-encoder") for name in rows):
+        if self.int8_encoder and any(name.endswith(INT8_ENCODER) for name in rows):
             table += [
                 "",
                 "int8-encoder: the encoder's MLP matrix products in int8, weights and activations (the file's int8 "

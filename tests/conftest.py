@@ -100,6 +100,16 @@ def captioning_model(tiny_tokenizer):
     return make_decisive(model, tiny_tokenizer.eos_token_id, eos_bias=2.0)
 
 
+def small_dataset(directory: Path) -> Path:
+    """A data set folder of two example photos in train and in val, each captioned "a photo"."""
+    for split in ("train", "val"):
+        (directory / split).mkdir(parents=True)
+        for name in ("cat.jpg", "coffee.jpg"):
+            (directory / split / name).write_bytes((ROOT / "examples" / name).read_bytes())
+            (directory / split / name).with_suffix(".txt").write_text("a photo\n")
+    return directory
+
+
 def make_tiny_gpt2(directory: Path, *, cross_attention: bool, seed: int = 0) -> Path:
     """A random 2-layer GPT-2 saved with `save_pretrained`, the way a hub checkpoint is laid out."""
     from transformers import GPT2Config, GPT2LMHeadModel

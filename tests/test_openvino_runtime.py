@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CAPTIONS
+from conftest import ROOT, TINY_CAPTIONS, small_dataset
 from PIL import Image
 
 import openvino_runtime
@@ -235,16 +235,6 @@ def test_the_recogniser_gives_pytorchs_labels_on_the_shipped_weights():
         assert all(abs(a.probability - b.probability) <= 1e-3 for a, b in zip(ours, theirs, strict=True))
 
 
-def _photo_folders(root):
-    """A data set of two training and two validation photos, as hub.py quantize reads one."""
-    for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
-        for path in EXAMPLES[:2]:
-            (root / split / path.name).write_bytes(path.read_bytes())
-            (root / split / path.name).with_suffix(".txt").write_text("a photo\n")
-    return root
-
-
 @needs_nncf
 def test_hub_quantize_adds_an_int8_encoder_whose_mlp_products_run_in_int8(
     tmp_path, captioning_model, tiny_tokenizer, capsys
@@ -256,7 +246,7 @@ def test_hub_quantize_adds_an_int8_encoder_whose_mlp_products_run_in_int8(
     recorded = {"float32": scored, "openvino-int8-encoder": scored, "bfloat16": scored}
     precisions = ["openvino-int8-encoder", "bfloat16", "float32"]
     save_captioner(path, captioning_model, tiny_tokenizer, {"precision_scores": recorded, "precisions": precisions})
-    assert hub.main(["quantize", str(path), "--data", str(_photo_folders(tmp_path / "data"))]) == 0
+    assert hub.main(["quantize", str(path), "--data", str(small_dataset(tmp_path / "data"))]) == 0
     assert "int8 encoder added" in capsys.readouterr().out
     info = ModelInfo.from_dict(load_model_file(path)[2])
     assert info.int8_encoder["calibration_photos"] == 2

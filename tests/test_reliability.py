@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, start_app, stop_app
+from conftest import ROOT, small_dataset, start_app, stop_app
 from PIL import Image
 
 import app
@@ -77,17 +77,8 @@ def test_kill_9_at_random_moments_of_repeated_saves_never_leaves_a_broken_file(t
         assert torch.equal(saved["weights"], torch.full((400_000,), float(saved["version"])))
 
 
-def _small_dataset(directory: Path) -> Path:
-    for split in ("train", "val"):
-        (directory / split).mkdir(parents=True)
-        for name in ("cat.jpg", "coffee.jpg"):
-            (directory / split / name).write_bytes((ROOT / "examples" / name).read_bytes())
-            (directory / split / name).with_suffix(".txt").write_text("a photo\n")
-    return directory
-
-
 def test_a_full_disk_during_training_is_reported_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
-    data = _small_dataset(tmp_path / "data")
+    data = small_dataset(tmp_path / "data")
     config = TrainConfig(
         data=str(data), out_dir=str(tmp_path / "run"), preset="tiny", vocab_size=300, epochs=1, batch_size=1,
         captions_per_image=1, eval_every=0, precision="float32", cache_dir=str(tmp_path / "cache"), unfreeze_blocks=2,
@@ -131,12 +122,10 @@ def test_a_model_file_that_would_run_code_is_refused_by_every_entry_point(tmp_pa
         Captioner.load(evil)
     with pytest.raises(CheckpointError, match="refused"):
         load_model_file(evil)
-    assert (
-        evaluate.main(["--model", str(evil), "--data", str(_small_dataset(tmp_path / "eval")), "--split", "val"]) == 2
-    )
+    assert evaluate.main(["--model", str(evil), "--data", str(small_dataset(tmp_path / "eval")), "--split", "val"]) == 2
     assert caption.main(["--model", str(evil), str(ROOT / "examples" / "cat.jpg")]) == 2
     assert app.main(["--model", str(evil)]) == 2
-    data = _small_dataset(tmp_path / "data")
+    data = small_dataset(tmp_path / "data")
     config = TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), init_from=str(evil), cache_dir="")
     with pytest.raises(CheckpointError, match="refused"):
         train.train(config)

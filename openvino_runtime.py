@@ -80,13 +80,24 @@ def cache_folder() -> Path:
 
 def model_key(model: CaptionModel, recogniser: nn.Module | None = None) -> str:
     """A name for what the graphs compute: the models' shapes and weights, this runtime's version, GRAPH_VERSION."""
-    digest = hashlib.sha256(repr((model.config, _openvino().__version__, GRAPH_VERSION)).encode())
-    states = {"": model.state_dict(), "recogniser.": recogniser.state_dict() if recogniser is not None else {}}
-    for prefix, state in states.items():
-        for name, tensor in state.items():
-            digest.update(f"{prefix}{name}".encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
+    state = _numpy_state(model)
+    if recogniser is not None:
+        state |= {f"recogniser.{key}": values for key, values in _numpy_state(recogniser).items()}
+    versions = repr((model.config, _openvino().__version__, GRAPH_VERSION))
+    return hashlib.sha256((versions + _weights_digest(state, list(state))).encode()).hexdigest()[:24]
+
+
+def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {key: tensor.detach().float().cpu().numpy() for key, tensor in model.state_dict().items()}
+
+
+def _weights_digest(state: dict[str, np.ndarray], keys: Sequence[str]) -> str:
+    """A hash of the named weights of `state`."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(state[key]).tobytes())
+    return digest.hexdigest()
 
 
 class _Encoder(nn.Module):
@@ -171,7 +182,9 @@ def quantize_encoder(
     products do twice bfloat16's multiplies per instruction (docs/speed.md). The attention's projections stay in
     bfloat16: in int8 they moved the class token, which the unfamiliar-photo signal reads, enough to stop flagging
     a photo the float encoder flags (docs/speed.md). `kept_in_bfloat16`: patterns of the traced graph's operation
-    names that stay out of int8. Needs NNCF (INSTALL_NNCF)."""
+    names that stay out of int8. Needs NNCF (INSTALL_NNCF).
+
+    The graph leaves out the weights the model holds (`_leave_out_model_weights`): about 1 MB, not 28."""
     ov = _openvino()
     try:
         import nncf
@@ -186,30 +199,130 @@ def quantize_encoder(
             graph, nncf.Dataset(samples), subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER,
             ignored_scope=nncf.IgnoredScope(patterns=list(kept_in_bfloat16)),
         )  # fmt: skip
+    state = _numpy_state(model)
+    quantized, left_out = _leave_out_model_weights(quantized, state)
     with tempfile.TemporaryDirectory() as folder:
-        ov.save_model(_float16_weights(quantized), Path(folder) / "encoder.xml", compress_to_fp16=False)
+        ov.save_model(quantized, Path(folder) / "encoder.xml", compress_to_fp16=False)
         return {
             "graph": (Path(folder) / "encoder.xml").read_text(encoding="utf-8"),
             "weights": torch.from_numpy(np.fromfile(Path(folder) / "encoder.bin", dtype=np.uint8)),
+            "model_weights_sha256": _weights_digest(state, left_out),
             "calibration_photos": sum(len(pixels) for pixels in calibration),
             "openvino": ov.__version__,
         }
 
 
-def _float16_weights(graph):
-    """`graph` with its float32 weight tensors stored in float16, as the model file keeps them, and widened when it
-    is compiled. (save_model's own compression leaves a quantized graph's weights alone, doubling its size.)"""
-    ov = _openvino()
-    from openvino import opset13
+# The int8 graph's inputs that stand for a model weight, and its operations that compute a weight from them, are
+# named so: with the key of the model's state dict they come from.
+MODEL_WEIGHT = "model weight: "
+COMPUTED_WEIGHT = "computed weight: "
 
-    for constant in graph.get_ops():
-        if constant.get_type_name() == "Constant" and constant.get_output_element_type(0) == ov.Type.f32:
-            values = constant.get_data()
-            if values.size >= 1024:  # weights, and the per-channel scales of layers this wide; not shapes
-                widened = opset13.convert(opset13.constant(values.astype(np.float16)), ov.Type.f32)
-                for target in constant.output(0).get_target_inputs():
-                    target.replace_source_output(widened.output(0))
+
+def _leave_out_model_weights(graph, state: dict[str, np.ndarray]):
+    """`graph` (NNCF's quantized encoder) without the weights of its matrix products and convolutions, which the
+    model file holds already: each is an input named after its state-dict key (MODEL_WEIGHT), and the operations
+    that make NNCF's weight from it: the division by the smoothing factors NNCF moved out of the activations, and
+    for an int8 weight the rounding to its per-channel scale (NNCF's rule; about 3 in 100,000 weights land one
+    step from NNCF's, its smoothing factors being its own float32 numbers, not exactly these). What is not the
+    model's (scales, corrected biases, norms) stays. Returns the graph and the keys left out."""
+    ov = _openvino()
+    from openvino import opset13 as ops
+
+    inputs = {}
+    for product in graph.get_ops():
+        if product.get_type_name() not in ("MatMul", "Convolution"):
+            continue
+        key = product.get_friendly_name().removeprefix("__module.model.").split("/")[0] + ".weight"
+        weight = product.input(1).get_source_output().get_node()
+        if key not in state or key in inputs:
+            continue
+        model_weight = ops.parameter(list(state[key].shape), ov.Type.f32, name=MODEL_WEIGHT + key)
+        smoothing = _smoothing_factors(product, state[key].ndim)
+        expected, computed = state[key], model_weight
+        if smoothing is not None:
+            expected, computed = expected / smoothing, ops.divide(computed, ops.constant(smoothing))
+        if weight.get_type_name() == "Constant" and _close(weight.get_data(), expected):
+            replaced = weight
+        elif (quantized := _int8_weight(weight)) is not None:
+            replaced, scale = quantized
+            expected = np.clip(np.round(expected / scale), -128, 127)
+            if np.abs(expected - replaced.get_data()).max() > 1 or (expected != replaced.get_data()).mean() > 1e-4:
+                continue  # not the rounding this knows: kept as NNCF made it
+            computed = ops.convert(ops.clamp(ops.round(ops.divide(computed, ops.constant(scale)), "half_to_even"),
+                                             -128, 127), ov.Type.i8)  # fmt: skip
+        else:
+            continue
+        computed.set_friendly_name(COMPUTED_WEIGHT + key)
+        for target in replaced.output(0).get_target_inputs():
+            target.replace_source_output(computed.output(0))
+        inputs[key] = model_weight
+    graph.add_parameters(list(inputs.values()))
+    graph.validate_nodes_and_infer_types()
+    return graph, list(inputs)
+
+
+def _close(weight: np.ndarray, expected: np.ndarray) -> bool:
+    return weight.shape == expected.shape and np.allclose(weight, expected, rtol=1e-6, atol=0)
+
+
+def _smoothing_factors(product, weight_rank: int) -> np.ndarray | None:
+    """The factors NNCF's SmoothQuant multiplies `product`'s activations by (its input channels), shaped to divide
+    its weight by; None where it smoothed nothing."""
+    source = product.input(0).get_source_output().get_node()
+    if source.get_type_name() == "FakeQuantize":
+        source = source.input(0).get_source_output().get_node()
+    if source.get_type_name() != "Multiply" or not source.get_friendly_name().endswith("nncf_smooth_quant"):
+        return None
+    factors = source.input(1).get_source_output().get_node().get_data()
+    return factors.reshape((1, -1) + (1,) * (weight_rank - 2))
+
+
+def _int8_weight(weight):
+    """Where `weight` is NNCF's int8 weight times its per-channel scale, the int8 constant and the scale."""
+    if weight.get_type_name() != "Multiply":
+        return None
+    converted, scale = (weight.input(index).get_source_output().get_node() for index in (0, 1))
+    if converted.get_type_name() != "Convert" or scale.get_type_name() != "Constant":
+        return None
+    constant = converted.input(0).get_source_output().get_node()
+    if constant.get_type_name() != "Constant" or constant.get_output_element_type(0) != _openvino().Type.i8:
+        return None
+    return constant, scale.get_data()
+
+
+def _fill_in_model_weights(graph, model: CaptionModel, digest: str | None):
+    """The int8 graph (`_leave_out_model_weights`) with the weights of `model` in it, computed as NNCF made them.
+    RuntimeUnavailable if they are not the weights it was made for (`digest`)."""
+    from openvino import opset13 as ops
+
+    state = _numpy_state(model)
+    weights = [node for node in graph.get_parameters() if node.get_friendly_name().startswith(MODEL_WEIGHT)]
+    keys = [parameter.get_friendly_name().removeprefix(MODEL_WEIGHT) for parameter in weights]
+    if any(key not in state for key in keys) or _weights_digest(state, keys) != digest:
+        raise RuntimeUnavailable(
+            "this model file's int8 encoder was made for other weights (python hub.py quantize MODEL --data DATA "
+            "makes it again)"
+        )
+    for parameter in weights:
+        key = parameter.get_friendly_name().removeprefix(MODEL_WEIGHT)
+        parameter.output(0).replace(ops.constant(state[key]).output(0))
+        graph.remove_parameter(parameter)
+    for computed in graph.get_ops():
+        if computed.get_friendly_name().startswith(COMPUTED_WEIGHT):
+            computed.output(0).replace(ops.constant(_evaluate(computed.output(0))).output(0))
     return graph
+
+
+def _evaluate(output) -> np.ndarray:
+    """The value of a graph `output` that depends on constants alone."""
+    ov = _openvino()
+    node = output.get_node()
+    if node.get_type_name() == "Constant":
+        return node.get_data()
+    inputs = [ov.Tensor(_evaluate(source.get_source_output())) for source in node.inputs()]
+    outputs = [ov.Tensor(result.get_element_type(), result.get_shape()) for result in node.outputs()]
+    node.evaluate(outputs, inputs)
+    return outputs[output.get_index()].data
 
 
 def _convert(model: CaptionModel, recogniser: nn.Module | None, folder: Path) -> None:
@@ -320,6 +433,7 @@ class OpenVinoModel:
                 graph = folder / f"{name}.xml"
                 if name == "encoder" and precision == INT8_ENCODER:
                     graph = core.read_model(int8_encoder["graph"].encode(), int8_encoder["weights"].numpy().tobytes())
+                    graph = _fill_in_model_weights(graph, model, int8_encoder.get("model_weights_sha256"))
                 compiled[name] = core.compile_model(graph, "CPU", options)
         except (RuntimeError, OSError) as error:  # OpenVINO's conversion and compilation errors are RuntimeErrors
             raise RuntimeUnavailable(f"OpenVINO could not compile this model: {error}") from error

@@ -321,7 +321,8 @@ def _evaluate(output) -> np.ndarray:
         return node.get_data()
     inputs = [ov.Tensor(_evaluate(source.get_source_output())) for source in node.inputs()]
     outputs = [ov.Tensor(result.get_element_type(), result.get_shape()) for result in node.outputs()]
-    node.evaluate(outputs, inputs)
+    if not node.evaluate(outputs, inputs):
+        raise RuntimeUnavailable(f"OpenVINO could not compute {node.get_friendly_name()} ({node.get_type_name()})")
     return outputs[output.get_index()].data
 
 

@@ -60,7 +60,7 @@ from speculative import DraftTable
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
-def _timed(run: Callable[[], object], repeats: int) -> tuple[float, object]:
+def timed(run: Callable[[], object], repeats: int) -> tuple[float, object]:
     """The median time of `repeats` runs after a warm-up run, and what the last run returned."""
     result = run()  # warm-up: allocator, kernels, caches
     times = []
@@ -94,7 +94,7 @@ def matmul_bound_seconds(model: CaptionModel, rows: int, steps: int, repeats: in
                 for weight, bias in weights:
                     F.linear(inputs[weight.shape[1]], weight, bias)
 
-    return _timed(products, repeats)[0]
+    return timed(products, repeats)[0]
 
 
 def benchmark_preset(
@@ -125,8 +125,8 @@ def benchmark_preset(
                         min_new_tokens=new_tokens, num_beams=beams, do_sample=False, early_stopping=True,
                     )  # fmt: skip
 
-            ours_seconds, our_generation = _timed(ours, repeats)
-            theirs_seconds, their_ids = _timed(theirs, repeats)
+            ours_seconds, our_generation = timed(ours, repeats)
+            theirs_seconds, their_ids = timed(theirs, repeats)
             # transformers decodes the prompt in its first step, as we do: new_tokens steps in all.
             bound_seconds = matmul_bound_seconds(model, batch * beams, new_tokens, repeats)
             same = torch.equal(our_generation.sequences[:, 0], their_ids[:, 1:])
@@ -157,8 +157,8 @@ def latency_split(name: str, repeats: int, dtype: torch.dtype = torch.float32) -
             with torch.inference_mode():
                 model.encode(pixels)
 
-        encoder = _timed(encode, repeats)[0]
-        decoder = _timed(
+        encoder = timed(encode, repeats)[0]
+        decoder = timed(
             lambda: decoding.generate(model, image_tokens, decode, bos_token_id=eos, eos_token_id=eos), repeats
         )[0]
     tensors = [tensor for pair in step_weights(model) for tensor in pair if tensor is not None]
@@ -337,8 +337,8 @@ def retrieval_report(entries: int, repeats: int, width: int = 384, k: int = 4) -
     one, batch = torch.randn(1, width, generator=generator), torch.randn(16, width, generator=generator)
     return {
         "entries": entries,
-        "one_ms": _timed(lambda: store.nearest(one, k), repeats)[0] * 1000,
-        "batch_ms": _timed(lambda: store.nearest(batch, k), repeats)[0] * 1000 / 16,
+        "one_ms": timed(lambda: store.nearest(one, k), repeats)[0] * 1000,
+        "batch_ms": timed(lambda: store.nearest(batch, k), repeats)[0] * 1000 / 16,
     }
 
 
@@ -354,7 +354,7 @@ def labels_report(model: str | None, repeats: int) -> dict:
         pixels, resized = captioner.transform([photo] * batch), captioner.transform.resize([photo] * batch)
         for labels in (False, True):
             label_images = resized if labels else None
-            seconds = _timed(lambda p=pixels, r=label_images: captioner.encode_pixels(p, r), repeats)[0]
+            seconds = timed(lambda p=pixels, r=label_images: captioner.encode_pixels(p, r), repeats)[0]
             report[(batch, labels)] = seconds * 1000 / batch
     return report
 
@@ -474,7 +474,7 @@ def step_report(model_path: str | None, repeats: int, compile_torch: bool) -> li
                         for position in range(12):
                             step.decode_step(torch.zeros(rows, 1, dtype=torch.long), cache, position)
 
-                seconds, _ = _timed(decode, repeats)  # after a warm-up run (which compiles)
+                seconds, _ = timed(decode, repeats)  # after a warm-up run (which compiles)
                 results.append({"precision": precision, "rows": rows, "step": name, "ms": seconds / 12 * 1000})
     return results
 

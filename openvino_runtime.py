@@ -233,29 +233,26 @@ def _leave_out_model_weights(graph, state: dict[str, np.ndarray]):
         if product.get_type_name() not in ("MatMul", "Convolution"):
             continue
         key = product.get_friendly_name().removeprefix("__module.model.").split("/")[0] + ".weight"
-        weight = product.input(1).get_source_output().get_node()
         if key not in state or key in inputs:
             continue
-        model_weight = ops.parameter(list(state[key].shape), ov.Type.f32, name=MODEL_WEIGHT + key)
+        weight = product.input(1).get_source_output().get_node()
         smoothing = _smoothing_factors(product, state[key].ndim)
-        expected, computed = state[key], model_weight
-        if smoothing is not None:
-            expected, computed = expected / smoothing, ops.divide(computed, ops.constant(smoothing))
+        expected = state[key] if smoothing is None else state[key] / smoothing
         if weight.get_type_name() == "Constant" and _close(weight.get_data(), expected):
-            replaced = weight
-        elif (quantized := _int8_weight(weight)) is not None:
+            replaced, scale = weight, None
+        elif (quantized := _int8_weight(weight)) is not None and _rounds_alike(*quantized, expected):
             replaced, scale = quantized
-            expected = np.clip(np.round(expected / scale), -128, 127)
-            if np.abs(expected - replaced.get_data()).max() > 1 or (expected != replaced.get_data()).mean() > 1e-4:
-                continue  # not the rounding this knows: kept as NNCF made it
-            computed = ops.convert(ops.clamp(ops.round(ops.divide(computed, ops.constant(scale)), "half_to_even"),
-                                             -128, 127), ov.Type.i8)  # fmt: skip
         else:
-            continue
-        computed.set_friendly_name(COMPUTED_WEIGHT + key)
+            continue  # not a rule this knows: kept as NNCF made it
+        inputs[key] = ops.parameter(list(state[key].shape), ov.Type.f32, name=MODEL_WEIGHT + key)
+        computed = inputs[key] if smoothing is None else ops.divide(inputs[key], ops.constant(smoothing))
+        if scale is not None:
+            rounded = ops.round(ops.divide(computed, ops.constant(scale)), "half_to_even")
+            computed = ops.convert(ops.clamp(rounded, -128, 127), ov.Type.i8)
+        if computed is not inputs[key]:  # an unsmoothed float weight is the input itself
+            computed.set_friendly_name(COMPUTED_WEIGHT + key)
         for target in replaced.output(0).get_target_inputs():
             target.replace_source_output(computed.output(0))
-        inputs[key] = model_weight
     graph.add_parameters(list(inputs.values()))
     graph.validate_nodes_and_infer_types()
     return graph, list(inputs)
@@ -263,6 +260,12 @@ def _leave_out_model_weights(graph, state: dict[str, np.ndarray]):
 
 def _close(weight: np.ndarray, expected: np.ndarray) -> bool:
     return weight.shape == expected.shape and np.allclose(weight, expected, rtol=1e-6, atol=0)
+
+
+def _rounds_alike(constant, scale: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether NNCF's int8 `constant` is `expected` rounded to steps of `scale`, but for a rare step either way."""
+    rounded = np.clip(np.round(expected / scale), -128, 127)
+    return np.abs(rounded - constant.get_data()).max() <= 1 and (rounded != constant.get_data()).mean() <= 1e-4
 
 
 def _smoothing_factors(product, weight_rank: int) -> np.ndarray | None:
@@ -296,15 +299,17 @@ def _fill_in_model_weights(graph, model: CaptionModel, digest: str | None):
     from openvino import opset13 as ops
 
     state = _numpy_state(model)
-    weights = [node for node in graph.get_parameters() if node.get_friendly_name().startswith(MODEL_WEIGHT)]
-    keys = [parameter.get_friendly_name().removeprefix(MODEL_WEIGHT) for parameter in weights]
-    if any(key not in state for key in keys) or _weights_digest(state, keys) != digest:
+    weights = {
+        node.get_friendly_name().removeprefix(MODEL_WEIGHT): node
+        for node in graph.get_parameters()
+        if node.get_friendly_name().startswith(MODEL_WEIGHT)
+    }
+    if any(key not in state for key in weights) or _weights_digest(state, list(weights)) != digest:
         raise RuntimeUnavailable(
             "this model file's int8 encoder was made for other weights (python hub.py quantize MODEL --data DATA "
             "makes it again)"
         )
-    for parameter in weights:
-        key = parameter.get_friendly_name().removeprefix(MODEL_WEIGHT)
+    for key, parameter in weights.items():
         parameter.output(0).replace(ops.constant(state[key]).output(0))
         graph.remove_parameter(parameter)
     for computed in graph.get_ops():

@@ -13,13 +13,13 @@ photo with the flagged ones marked (familiarity.py: the unfamiliar-photo signal 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import timed
 from checkpoint import load_model_file
 from familiarity import FamiliarityModel
 from images import ImageTransform, load_image
@@ -30,13 +30,9 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg
 VARIANTS = {"all matrix products": (), "MLP only (shipped)": (ATTENTION_PROJECTIONS,)}
 
 
-def _timed(encoder: OpenVinoModel, pixels: torch.Tensor) -> float:
-    encoder.encode_with_class_token(pixels)
-    repeats = 8 if len(pixels) == 1 else 2
-    started = time.perf_counter()
-    for _ in range(repeats):
-        encoder.encode_with_class_token(pixels)
-    return (time.perf_counter() - started) / repeats / len(pixels) * 1000
+def _ms_a_photo(encoder: OpenVinoModel, pixels: torch.Tensor) -> float:
+    seconds, _ = timed(lambda: encoder.encode_with_class_token(pixels), 8 if len(pixels) == 1 else 2)
+    return seconds / len(pixels) * 1000
 
 
 def main() -> int:
@@ -62,8 +58,8 @@ def main() -> int:
     times = {name: {1: [], 16: []} for name in encoders}
     for _ in range(5):
         for name, encoder in encoders.items():
-            times[name][1].append(_timed(encoder, pixels[:1]))
-            times[name][16].append(_timed(encoder, batch))
+            times[name][1].append(_ms_a_photo(encoder, pixels[:1]))
+            times[name][16].append(_ms_a_photo(encoder, batch))
     print(
         "| encoder in OpenVINO | one photo, ms | a photo of 16, ms | class token cosine to float32, lowest | "
         "example photos' familiarity (* flagged) |"

@@ -11,9 +11,7 @@ a photo of a batch of 16, in PyTorch bfloat16 and traced into OpenVINO
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import timed
 from captioner import Captioner, EncodedImages
 from data import load_split
 from evaluate import caption_encoded, score_captions
@@ -122,13 +121,9 @@ def encoder_ms(captioner: Captioner, paths: list, r: int, blocks: int, batch: in
         def run() -> object:
             return module(pixels)
 
-    times = []
     with torch.inference_mode():
-        for _ in range(6):
-            started = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - started) / batch)
-    return statistics.median(times[1:]) * 1000
+        seconds, _ = timed(run, 5)  # after a warm-up run
+    return seconds / batch * 1000
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from server import start_app, stop_app  # noqa: E402
 
 from checkpoint import save_captioner  # noqa: E402
 from config import PRESETS  # noqa: E402
+from images import ImageTransform, load_image  # noqa: E402
 from model import CaptionModel  # noqa: E402
 from pretrained import from_parts  # noqa: E402
 from tokenizer import train_caption_tokenizer  # noqa: E402
@@ -108,6 +109,14 @@ def small_dataset(directory: Path) -> Path:
             (directory / split / name).write_bytes((ROOT / "examples" / name).read_bytes())
             (directory / split / name).with_suffix(".txt").write_text("a photo\n")
     return directory
+
+
+def int8_encoder(model: CaptionModel, photos: list[Path]) -> dict:
+    """`model`'s encoder in int8, as `hub.py quantize` adds it to a model file, calibrated on `photos` (needs NNCF)."""
+    import openvino_runtime
+
+    transform = ImageTransform.for_model(model.config)
+    return openvino_runtime.quantize_encoder(model, [transform([load_image(path)]) for path in photos])
 
 
 def make_tiny_gpt2(directory: Path, *, cross_attention: bool, seed: int = 0) -> Path:

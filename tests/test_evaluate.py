@@ -6,12 +6,11 @@ import math
 import shutil
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, int8_encoder
 
 import evaluate
 import metrics
 import precision
-from images import ImageTransform, load_image
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -113,11 +112,9 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
         shutil.copy(ROOT / "examples" / name, tmp_path / "data" / "test" / name)
         (tmp_path / "data" / "test" / name).with_suffix(".txt").write_text("a photo\nsomething\n")
     metadata = {"precision": "bfloat16"}
-    int8_encoder = native and openvino_runtime.available() and importlib.util.find_spec("nncf") is not None
-    if int8_encoder:  # scored only where the file carries it
-        transform = ImageTransform.for_model(captioning_model.config)
-        calibration = [transform([load_image(ROOT / "examples" / "cat.jpg")])]
-        metadata["int8_encoder"] = openvino_runtime.quantize_encoder(captioning_model, calibration)
+    carries_int8_encoder = native and openvino_runtime.available() and importlib.util.find_spec("nncf") is not None
+    if carries_int8_encoder:  # scored only where the file carries it
+        metadata["int8_encoder"] = int8_encoder(captioning_model, [ROOT / "examples" / "cat.jpg"])
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, metadata)
     # the CPU's report, simulated
     flags = frozenset({"avx2", "avx512f"}) | ({"avx512_bf16", "avx512_vnni"} if native else set())
@@ -131,7 +128,7 @@ def test_choose_precision_records_the_faster_precision_only_when_it_scores_like_
     metadata = load_model_file(tmp_path / "model.pt")[2]
     scores = metadata["precision_scores"]
     openvino = {"openvino-float32"} | ({"openvino-bfloat16", "openvino-bfloat16-int8"} if native else set())
-    openvino |= {"openvino-int8-encoder"} if int8_encoder else set()
+    openvino |= {"openvino-int8-encoder"} if carries_int8_encoder else set()
     expected_settings = {"float32", "int8"} | ({native, "bfloat16-int8"} if native else set())
     assert set(scores) == expected_settings | (openvino if openvino_runtime.available() else set())
 

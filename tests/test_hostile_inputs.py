@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from conftest import ROOT, int8_encoder
 from hostile import Case, cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ import caption
 import openvino_runtime
 from checkpoint import save_captioner
 from config import DecodeConfig
-from images import IMAGE_SUFFIXES, ImageError, ImageTransform, load_image
+from images import IMAGE_SUFFIXES, ImageError, load_image
 
 CORPUS = cases()
 
@@ -75,10 +76,8 @@ def test_caption_command_reports_each_bad_file_and_captions_the_rest_in_every_pr
         (tmp_path / "corpus" / case.name).write_bytes(case.data)
     metadata = {}
     if precision == "int8-encoder":  # the model file then carries its encoder in int8, as `hub.py quantize` adds it
-        transform = ImageTransform.for_model(captioning_model.config)
-        examples = sorted(Path(__file__).resolve().parents[1].glob("examples/*.jpg"))[:2]
-        calibration = [transform([load_image(path)]) for path in examples]
-        metadata["int8_encoder"] = openvino_runtime.quantize_encoder(captioning_model, calibration)
+        examples = sorted((ROOT / "examples").glob("*.jpg"))[:2]
+        metadata["int8_encoder"] = int8_encoder(captioning_model, examples)
     save_captioner(tmp_path / "model.pt", captioning_model, tiny_tokenizer, metadata)
     files = [str(tmp_path / "corpus" / case.name) for case in CORPUS]
     options = ["--dtype", precision, "--runtime", runtime, "--format", "jsonl", "--max-new-tokens", "3"]

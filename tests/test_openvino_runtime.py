@@ -278,6 +278,28 @@ def test_hub_quantize_adds_an_int8_encoder_whose_mlp_products_run_in_int8(
     assert "int8-encoder: the encoder's MLP matrix products in int8" in capsys.readouterr().out
 
 
+def test_a_graph_without_its_weights_is_filled_in_with_the_models_own(captioning_model):
+    # The traced float graph: every weight is as the model holds it, none smoothed or in int8.
+    ov = openvino_runtime._openvino()
+    size = captioning_model.config.image_size
+    graph = openvino_runtime._trace(
+        openvino_runtime._Encoder(captioning_model), torch.zeros(1, 3, size, size), [[-1, 3, size, size]]
+    )
+    pixels = torch.randn(2, 3, size, size).numpy()
+    options = {"INFERENCE_PRECISION_HINT": "f32"}
+    expected = ov.Core().compile_model(graph, "CPU", options)(pixels)
+    state = openvino_runtime._numpy_state(captioning_model)
+    graph, left_out = openvino_runtime._leave_out_model_weights(graph, state)
+    assert "encoder.vit.blocks.0.mlp.fc1.weight" in left_out and len(graph.get_parameters()) == 1 + len(left_out)
+    filled = openvino_runtime._fill_in_model_weights(
+        graph, captioning_model, openvino_runtime._weights_digest(state, left_out)
+    )
+    assert len(filled.get_parameters()) == 1
+    outputs = ov.Core().compile_model(filled, "CPU", options)(pixels)
+    for index in range(2):
+        np.testing.assert_array_equal(outputs[index], expected[index])
+
+
 def test_asking_for_the_int8_encoder_of_a_file_without_one_says_how_to_add_it(
     tmp_path, captioning_model, tiny_tokenizer, capsys
 ):
